@@ -1,0 +1,87 @@
+"""Claims: the race for a deal's vouchers, decided by one Lua call (``claim_voucher``)."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+from engine.errors import (
+    BacklogFull,
+    DealCancelled,
+    DealEnded,
+    DealNotFound,
+    DealNotStarted,
+    FlashsaleError,
+    SoldOut,
+)
+from engine.store import Store
+
+CLAIMED = "claimed"
+ALREADY = "already"
+
+# Refusals, by the script's outcome; the API's order of precedence lives in the script.
+_REFUSALS: dict[str, type[FlashsaleError]] = {
+    "not_found": DealNotFound,
+    "cancelled": DealCancelled,
+    "not_started": DealNotStarted,
+    "ended": DealEnded,
+    "sold_out": SoldOut,
+    "backlog_full": BacklogFull,
+}
+
+
+def new_voucher_id(deal_id: str) -> str:
+    """A fresh voucher id that names its deal, so a holder's lookup needs no index."""
+    return f"v{secrets.token_hex(8)}.{deal_id}"
+
+
+def deal_of_voucher(voucher_id: str) -> str | None:
+    """The deal id inside a voucher id, or ``None`` if it is not one of ours."""
+    head, sep, deal_id = voucher_id.partition(".")
+    return deal_id if sep and head.startswith("v") and deal_id else None
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A voucher held by a user; ``outcome`` tells whether this call issued it."""
+
+    outcome: str
+    voucher_id: str
+    deal_id: str
+    user_id: str
+    merchant_id: str
+    seq: int
+    claimed_at_ms: int
+    redeem_until_ms: int
+    inventory_left: int
+
+    @property
+    def is_new(self) -> bool:
+        return self.outcome == CLAIMED
+
+
+async def claim(store: Store, deal_id: str, user_id: str) -> Claim:
+    """Take one voucher for ``user_id``, or return the one they hold.
+
+    Raises the refusal's error (``SoldOut``, ``DealEnded``...) or ``StoreUnavailable``.
+    """
+    k = store.keys.for_deal(deal_id)
+    reply = await store.run(
+        "claim_voucher",
+        (k.deal, k.claimers, k.events, k.geo),
+        (user_id, new_voucher_id(deal_id), store.settings.stream_cap, deal_id),
+    )
+    outcome = reply[0]
+    if outcome != CLAIMED and outcome != ALREADY:
+        raise _REFUSALS[outcome](deal_id=deal_id)
+    return Claim(
+        outcome=outcome,
+        voucher_id=reply[1],
+        deal_id=deal_id,
+        user_id=user_id,
+        merchant_id=reply[5],
+        seq=int(reply[2]),
+        claimed_at_ms=int(reply[3]),
+        redeem_until_ms=int(reply[6]),
+        inventory_left=max(int(reply[4]), 0),
+    )

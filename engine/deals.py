@@ -1,0 +1,176 @@
+"""Deals: create, read and cancel, each one atomic Lua call on the deal's partition."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from engine.errors import BacklogFull, DealNotFound, Forbidden
+from engine.store import Store
+from engine.times import to_rfc3339
+
+SCHEDULED, ACTIVE, SOLD_OUT, ENDED, CANCELLED = (
+    "scheduled",
+    "active",
+    "sold_out",
+    "ended",
+    "cancelled",
+)
+
+
+def new_deal_id() -> str:
+    """A fresh, URL-safe deal id (64 random bits)."""
+    return "d_" + secrets.token_hex(8)
+
+
+@dataclass(frozen=True, slots=True)
+class NewDeal:
+    """A validated request to create a deal; times in ms since the epoch."""
+
+    merchant_id: str
+    title: str
+    description: str
+    lat: float
+    lng: float
+    inventory: int
+    starts_at_ms: int
+    ends_at_ms: int
+    redeem_until_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Deal:
+    """A deal as Redis holds it, read at ``now_ms`` (Redis's clock)."""
+
+    id: str
+    merchant_id: str
+    title: str
+    description: str
+    lat: float
+    lng: float
+    inventory_total: int
+    inventory_left: int
+    seq: int
+    starts_at_ms: int
+    ends_at_ms: int
+    redeem_until_ms: int
+    cancelled_at_ms: int | None
+    now_ms: int
+
+    @classmethod
+    def from_hash(cls, deal_id: str, h: dict[str, str], now_ms: int) -> Deal:
+        """Build from the deal hash's fields."""
+        cancelled = h.get("cancelled")
+        return cls(
+            id=deal_id,
+            merchant_id=h["merchant"],
+            title=h["title"],
+            description=h.get("desc", ""),
+            lat=float(h["lat"]),
+            lng=float(h["lng"]),
+            inventory_total=int(h["total"]),
+            inventory_left=max(int(h["left"]), 0),
+            seq=int(h.get("seq", 0)),
+            starts_at_ms=int(h["starts"]),
+            ends_at_ms=int(h["ends"]),
+            redeem_until_ms=int(h["redeem"]),
+            cancelled_at_ms=int(cancelled) if cancelled else None,
+            now_ms=now_ms,
+        )
+
+    @property
+    def status(self) -> str:
+        """Live status; a sold-out deal past ``ends_at`` is ``ended``."""
+        return deal_status(
+            self.now_ms,
+            self.starts_at_ms,
+            self.ends_at_ms,
+            self.inventory_left,
+            self.cancelled_at_ms is not None,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The API's ``Deal`` object."""
+        return {
+            "id": self.id,
+            "merchant_id": self.merchant_id,
+            "title": self.title,
+            "description": self.description,
+            "lat": self.lat,
+            "lng": self.lng,
+            "inventory_total": self.inventory_total,
+            "inventory_left": self.inventory_left,
+            "starts_at": to_rfc3339(self.starts_at_ms),
+            "ends_at": to_rfc3339(self.ends_at_ms),
+            "redeem_until": to_rfc3339(self.redeem_until_ms),
+            "status": self.status,
+        }
+
+
+def deal_status(now_ms: int, starts_ms: int, ends_ms: int, left: int, cancelled: bool) -> str:
+    """The status rule, in the API's order of precedence."""
+    if cancelled:
+        return CANCELLED
+    if now_ms >= ends_ms:
+        return ENDED
+    if now_ms < starts_ms:
+        return SCHEDULED
+    if left <= 0:
+        return SOLD_OUT
+    return ACTIVE
+
+
+def _pairs(flat: list[Any]) -> dict[str, str]:
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+async def create_deal(store: Store, new: NewDeal, deal_id: str | None = None) -> Deal:
+    """Store a deal, index it for discovery and log it for the persister."""
+    deal_id = deal_id or new_deal_id()
+    k = store.keys.for_deal(deal_id)
+    outcome, _created = await store.run(
+        "create_deal",
+        (k.deal, k.events, k.geo),
+        (
+            store.settings.stream_cap,
+            deal_id,
+            new.merchant_id,
+            new.title,
+            new.description,
+            repr(new.lat),
+            repr(new.lng),
+            new.inventory,
+            new.starts_at_ms,
+            new.ends_at_ms,
+            new.redeem_until_ms,
+        ),
+    )
+    if outcome == "backlog_full":
+        raise BacklogFull()
+    # 'exists' only follows a retried call that had already landed (ids are random).
+    return await get_deal(store, deal_id)
+
+
+async def get_deal(store: Store, deal_id: str) -> Deal:
+    """Read a deal with live status; ``DealNotFound`` if there is none."""
+    k = store.keys.for_deal(deal_id)
+    reply = await store.run("read_deal", (k.deal,), ())
+    if len(reply) < 2:
+        raise DealNotFound(deal_id=deal_id)
+    return Deal.from_hash(deal_id, _pairs(reply[1:]), int(reply[0]))
+
+
+async def cancel_deal(store: Store, deal_id: str, merchant_id: str) -> Deal:
+    """Stop new claims at once (idempotent); only the owning merchant may."""
+    k = store.keys.for_deal(deal_id)
+    outcome, _at = await store.run(
+        "cancel_deal", (k.deal, k.events, k.geo), (merchant_id, deal_id, store.settings.stream_cap)
+    )
+    if outcome == "not_found":
+        raise DealNotFound(deal_id=deal_id)
+    if outcome == "forbidden":
+        raise Forbidden("Only the merchant who owns this deal may cancel it.")
+    if outcome == "backlog_full":
+        raise BacklogFull()
+    return await get_deal(store, deal_id)

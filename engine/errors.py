@@ -1,0 +1,150 @@
+"""One tree of errors. Each carries its API ``code`` and HTTP ``status``.
+
+    FlashsaleError
+    ├── ClientError                      the caller's mistake (4xx)
+    │   ├── InvalidJson                  400 invalid_json
+    │   ├── Unauthenticated              401 unauthenticated
+    │   ├── Forbidden                    403 forbidden
+    │   │   └── NotYourVoucher           403 not_your_voucher
+    │   ├── NotFound                     404 not_found
+    │   │   ├── DealNotFound             404 deal_not_found
+    │   │   └── VoucherNotFound          404 voucher_not_found
+    │   ├── MethodNotAllowed             405 method_not_allowed
+    │   ├── Conflict                     409 conflict
+    │   │   ├── DealCancelled            409 cancelled
+    │   │   ├── DealNotStarted           409 not_started
+    │   │   ├── DealEnded                409 ended
+    │   │   ├── SoldOut                  409 sold_out
+    │   │   └── AlreadyRedeemed          409 already_redeemed
+    │   ├── PayloadTooLarge              413 payload_too_large
+    │   ├── InvalidRequest               422 invalid_request
+    │   │   └── InvalidVoucher           422 invalid_voucher
+    │   └── RateLimited                  429 rate_limited
+    ├── Unavailable                      a dependency is down (503, retryable)
+    │   ├── StoreUnavailable             Redis / Valkey cannot be reached
+    │   ├── DatabaseUnavailable          PostgreSQL cannot be reached
+    │   └── BacklogFull                  the stream is at its cap (PostgreSQL away too long)
+    └── StartupError                     refuse to start: a dependency is unsafe to use
+
+Our own bugs are not in this tree: they surface as 500 with a request id.
+Redis exceptions are translated in ``engine/store.py`` and asyncpg ones in
+``persister/db.py``; no other module catches them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class FlashsaleError(Exception):
+    """Base of every error this project raises on purpose."""
+
+    code = "error"
+    status = 500
+    message = "Something went wrong."
+
+    def __init__(self, message: str | None = None, **details: Any) -> None:
+        super().__init__(message or self.message)
+        self.message = message or self.message
+        self.details: dict[str, Any] = details
+
+
+class ClientError(FlashsaleError):
+    status = 400
+    code = "bad_request"
+
+
+class InvalidJson(ClientError):
+    status, code, message = 400, "invalid_json", "The request body is not valid JSON."
+
+
+class Unauthenticated(ClientError):
+    status, code, message = 401, "unauthenticated", "A valid bearer token is required."
+
+
+class Forbidden(ClientError):
+    status, code, message = 403, "forbidden", "You may not do this."
+
+
+class NotYourVoucher(Forbidden):
+    code, message = "not_your_voucher", "This voucher belongs to another merchant."
+
+
+class NotFound(ClientError):
+    status, code, message = 404, "not_found", "No such resource."
+
+
+class DealNotFound(NotFound):
+    code, message = "deal_not_found", "No such deal."
+
+
+class VoucherNotFound(NotFound):
+    code, message = "voucher_not_found", "No such voucher."
+
+
+class MethodNotAllowed(ClientError):
+    status, code, message = 405, "method_not_allowed", "This method is not allowed here."
+
+
+class Conflict(ClientError):
+    status, code = 409, "conflict"
+
+
+class DealCancelled(Conflict):
+    code, message = "cancelled", "This deal was cancelled."
+
+
+class DealNotStarted(Conflict):
+    code, message = "not_started", "This deal has not started yet."
+
+
+class DealEnded(Conflict):
+    code, message = "ended", "This deal has ended."
+
+
+class SoldOut(Conflict):
+    code, message = "sold_out", "This deal is sold out."
+
+
+class AlreadyRedeemed(Conflict):
+    code, message = "already_redeemed", "This voucher was already redeemed."
+
+
+class PayloadTooLarge(ClientError):
+    status, code, message = 413, "payload_too_large", "The request body is over 64 KiB."
+
+
+class InvalidRequest(ClientError):
+    status, code, message = 422, "invalid_request", "The request is not valid."
+
+
+class InvalidVoucher(InvalidRequest):
+    code, message = "invalid_voucher", "This is not a valid voucher."
+
+
+class RateLimited(ClientError):
+    status, code, message = 429, "rate_limited", "Too many requests."
+    retry_after_s = 1
+
+
+class Unavailable(FlashsaleError):
+    status, code, message = 503, "unavailable", "The service is temporarily unavailable."
+    retry_after_s = 1
+
+
+class StoreUnavailable(Unavailable):
+    message = "The inventory store cannot be reached; nothing was changed."
+
+
+class DatabaseUnavailable(Unavailable):
+    message = "The database cannot be reached."
+    retry_after_s = 2
+
+
+class BacklogFull(Unavailable):
+    message = "Too many events are waiting to be persisted; nothing was changed."
+    retry_after_s = 5
+
+
+class StartupError(FlashsaleError):
+    """A dependency is unsafe to use (e.g. an evicting Redis): refuse to start."""

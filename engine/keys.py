@@ -1,0 +1,79 @@
+"""Every Redis key, stream and group name in one place.
+
+A fixed number of partitions each own one hash tag (``{p07}``); a deal lives in the
+partition its id hashes to, and the partition's stream and geo index share the tag, so
+each Lua script touches one hash slot and runs unchanged on a Redis Cluster.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from functools import lru_cache
+
+PREFIX = "fs"
+STREAM_GROUP = "persister"
+
+
+@dataclass(frozen=True, slots=True)
+class DealKeys:
+    """The keys one deal's scripts touch, all in the deal's partition."""
+
+    partition: int
+    deal: str
+    claimers: str
+    redemptions: str
+    events: str
+    geo: str
+
+
+def tag(partition: int) -> str:
+    """The hash tag of a partition, e.g. ``{p07}``."""
+    return f"{{p{partition:02d}}}"
+
+
+def events_key(partition: int) -> str:
+    """The partition stream the persister drains."""
+    return f"{PREFIX}:{tag(partition)}:events"
+
+
+def geo_key(partition: int) -> str:
+    """The partition's geo index of deals that may still be claimable."""
+    return f"{PREFIX}:{tag(partition)}:geo"
+
+
+class KeySpace:
+    """Key names for one partition count."""
+
+    def __init__(self, partitions: int) -> None:
+        self.partitions = partitions
+        # Hot deals are looked up on every claim: remember their key sets.
+        self.for_deal = lru_cache(maxsize=65_536)(self._for_deal)
+
+    def partition_of(self, deal_id: str) -> int:
+        """The partition a deal id lives in (stable across processes and restarts)."""
+        return zlib.crc32(deal_id.encode()) % self.partitions
+
+    def _for_deal(self, deal_id: str) -> DealKeys:
+        p = self.partition_of(deal_id)
+        base = f"{PREFIX}:{tag(p)}"
+        return DealKeys(
+            partition=p,
+            deal=f"{base}:deal:{deal_id}",
+            claimers=f"{base}:claimers:{deal_id}",
+            redemptions=f"{base}:redeemed:{deal_id}",
+            events=f"{base}:events",
+            geo=f"{base}:geo",
+        )
+
+    def all_events(self) -> list[str]:
+        """Every partition stream."""
+        return [events_key(p) for p in range(self.partitions)]
+
+    def all_geo(self) -> list[str]:
+        """Every partition geo index."""
+        return [geo_key(p) for p in range(self.partitions)]
+
+    def deal_pattern(self) -> str:
+        """A SCAN pattern matching every deal hash."""
+        return f"{PREFIX}:*:deal:*"

@@ -1,0 +1,103 @@
+"""Settings: one frozen object built once from the ``FLASHSALE_*`` environment."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+Durability = Literal["redis", "aof"]
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+class SettingsError(ValueError):
+    """A ``FLASHSALE_*`` variable holds a value that cannot be used."""
+
+
+def parse_duration_s(text: str) -> float:
+    """Parse ``90``, ``90s``, ``15m``, ``1h`` or ``7d`` into seconds."""
+    match = _DURATION.match(text)
+    if not match:
+        raise SettingsError(f"not a duration: {text!r} (use e.g. 90s, 15m, 1h)")
+    return float(match.group(1)) * _UNIT_S[match.group(2) or "s"]
+
+
+def _flag(value: str | None) -> bool:
+    return (value or "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
+    if not low <= value <= high:
+        raise SettingsError(f"{name} must be in {low}..{high}, got {value}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything tunable, with its unit in its name. Build with :meth:`from_env`."""
+
+    redis_url: str | None = None
+    redis_cluster: bool = False
+    database_url: str | None = None
+    auth_secret: str | None = None
+    data_dir: Path = field(default_factory=lambda: Path(".flashsale"))
+    keys_dir: Path | None = None
+    # Partitions own one hash tag each; a deal lives in the partition its id hashes to.
+    # Changing this on a live dataset moves deals to other keys: pick it once.
+    partitions: int = 16
+    # Entries a partition stream may hold before claims are refused (503) rather than
+    # memory exhausted while PostgreSQL is away.
+    stream_cap: int = 1_000_000
+    stream_retention_s: float = 3600.0
+    durability: Durability = "redis"
+    waitaof_timeout_ms: int = 500
+    redis_timeout_s: float = 1.0
+    discovery_cache_s: float = 30.0
+    discovery_cell_deg: float = 0.01
+    token_cache_size: int = 100_000
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read the ``FLASHSALE_*`` variables (``os.environ`` by default)."""
+        env = os.environ if env is None else env
+        durability = (env.get("FLASHSALE_DURABILITY") or "redis").strip().lower()
+        if durability not in ("redis", "aof"):
+            raise SettingsError(
+                f"FLASHSALE_DURABILITY must be 'redis' or 'aof', got {durability!r}"
+            )
+        retention = env.get("FLASHSALE_STREAM_RETENTION")
+        keys_dir = env.get("FLASHSALE_KEYS_DIR")
+        return cls(
+            redis_url=env.get("FLASHSALE_REDIS_URL") or None,
+            redis_cluster=_flag(env.get("FLASHSALE_REDIS_CLUSTER")),
+            database_url=env.get("FLASHSALE_DATABASE_URL") or None,
+            auth_secret=env.get("FLASHSALE_AUTH_SECRET") or None,
+            data_dir=Path(env.get("FLASHSALE_DATA_DIR") or ".flashsale"),
+            keys_dir=Path(keys_dir) if keys_dir else None,
+            partitions=_int(env, "FLASHSALE_PARTITIONS", 16, 1, 1024),
+            stream_cap=_int(env, "FLASHSALE_STREAM_CAP", 1_000_000, 1, 1_000_000_000),
+            stream_retention_s=parse_duration_s(retention) if retention else 3600.0,
+            durability=durability,  # type: ignore[arg-type]
+            waitaof_timeout_ms=_int(env, "FLASHSALE_WAITAOF_TIMEOUT_MS", 500, 1, 60_000),
+        )
+
+    @property
+    def signing_keys_dir(self) -> Path:
+        """Where voucher signing keys live (``FLASHSALE_KEYS_DIR`` or ``DATA_DIR/keys``)."""
+        return self.keys_dir if self.keys_dir is not None else self.data_dir / "keys"
+
+    def with_(self, **changes: object) -> Settings:
+        """A copy with some fields changed (used when wiring embedded servers)."""
+        return replace(self, **changes)  # type: ignore[arg-type]

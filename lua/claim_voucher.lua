@@ -1,0 +1,54 @@
+-- claim_voucher: decide one claim atomically. The only place stock is taken.
+--
+-- KEYS[1]  deal hash            fs:{pNN}:deal:<id>
+-- KEYS[2]  claimers hash        fs:{pNN}:claimers:<id>   user id -> "voucher|seq|claimed_at_ms"
+-- KEYS[3]  partition stream     fs:{pNN}:events
+-- KEYS[4]  partition geo index  fs:{pNN}:geo
+-- ARGV[1]  user id
+-- ARGV[2]  voucher id to issue if this is a new claim (unused otherwise)
+-- ARGV[3]  stream cap (entries)
+-- ARGV[4]  deal id
+--
+-- Returns {outcome, voucher_id, seq, claimed_at_ms, inventory_left, merchant_id, redeem_until_ms};
+-- outcome is
+--   'claimed' | 'already'   (voucher fields set)
+--   'not_found' | 'cancelled' | 'not_started' | 'ended' | 'sold_out' | 'backlog_full'
+-- Checks run in the API's order: a holder gets its voucher back whatever the deal's
+-- state; then existence, cancellation, the time window (Redis's clock), stock, backlog.
+local held = redis.call('HGET', KEYS[2], ARGV[1])
+local d = redis.call('HMGET', KEYS[1], 'left', 'starts', 'ends', 'cancelled', 'merchant', 'redeem')
+local left = tonumber(d[1])
+if held then
+  local vid, seq, at = string.match(held, '^([^|]*)|([^|]*)|(.*)$')
+  return {'already', vid, tonumber(seq), tonumber(at), left or 0, d[5] or '', tonumber(d[6]) or 0}
+end
+if not left then
+  return {'not_found', '', 0, 0, 0}
+end
+if d[4] then
+  return {'cancelled', '', 0, 0, left}
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if now < tonumber(d[2]) then
+  return {'not_started', '', 0, 0, left}
+end
+if now >= tonumber(d[3]) then
+  return {'ended', '', 0, 0, left}
+end
+if left <= 0 then
+  return {'sold_out', '', 0, 0, 0}
+end
+if redis.call('XLEN', KEYS[3]) >= tonumber(ARGV[3]) then
+  return {'backlog_full', '', 0, 0, left}
+end
+left = redis.call('HINCRBY', KEYS[1], 'left', -1)
+local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2] .. '|' .. seq .. '|' .. now)
+redis.call('XADD', KEYS[3], '*',
+  'type', 'claim', 'deal', ARGV[4], 'seq', seq, 'voucher', ARGV[2], 'user', ARGV[1], 'at', now)
+if left <= 0 then
+  -- Sold out: discovery must never show it again.
+  redis.call('ZREM', KEYS[4], ARGV[4])
+end
+return {'claimed', ARGV[2], seq, now, left, d[5], tonumber(d[6])}

@@ -1,0 +1,29 @@
+-- create_deal: store a new deal, index it for discovery, and log it for the persister.
+--
+-- KEYS[1]  deal hash            fs:{pNN}:deal:<id>
+-- KEYS[2]  partition stream     fs:{pNN}:events
+-- KEYS[3]  partition geo index  fs:{pNN}:geo
+-- ARGV[1]  stream cap (entries)
+-- ARGV[2]  deal id      ARGV[3] merchant id   ARGV[4] title   ARGV[5] description
+-- ARGV[6]  lat          ARGV[7] lng           ARGV[8] inventory total
+-- ARGV[9]  starts_at ms ARGV[10] ends_at ms   ARGV[11] redeem_until ms
+--
+-- Returns {outcome, created_at_ms}; outcome is 'created' | 'exists' | 'backlog_full'.
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return {'exists', 0}
+end
+if redis.call('XLEN', KEYS[2]) >= tonumber(ARGV[1]) then
+  return {'backlog_full', 0}
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('HSET', KEYS[1],
+  'merchant', ARGV[3], 'title', ARGV[4], 'desc', ARGV[5],
+  'lat', ARGV[6], 'lng', ARGV[7], 'total', ARGV[8], 'left', ARGV[8], 'seq', 0,
+  'starts', ARGV[9], 'ends', ARGV[10], 'redeem', ARGV[11], 'created', now)
+redis.call('GEOADD', KEYS[3], ARGV[7], ARGV[6], ARGV[2])
+redis.call('XADD', KEYS[2], '*',
+  'type', 'deal', 'deal', ARGV[2], 'merchant', ARGV[3], 'title', ARGV[4], 'desc', ARGV[5],
+  'lat', ARGV[6], 'lng', ARGV[7], 'total', ARGV[8],
+  'starts', ARGV[9], 'ends', ARGV[10], 'redeem', ARGV[11], 'at', now)
+return {'created', now}

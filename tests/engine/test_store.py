@@ -1,0 +1,105 @@
+"""The Redis boundary: script cache loss, unsafe servers, Redis going away."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from engine import claims
+from engine.deals import create_deal, get_deal
+from engine.errors import StartupError, StoreUnavailable
+from engine.settings import Settings
+from engine.store import Store
+from flashsale.embedded import EmbeddedRedis
+from tests.helpers import new_deal
+
+
+async def _script_flush(store: Store, cluster: bool) -> None:
+    if cluster:
+        await store.client.execute_command("SCRIPT FLUSH", target_nodes=store.client.PRIMARIES)
+    else:
+        await store.client.script_flush()
+
+
+async def _script_cached(store: Store, sha: str) -> bool:
+    """Whether the node holding the deal's partition has the script cached."""
+    if not store.settings.redis_cluster:
+        return bool((await store.client.script_exists(sha))[0])
+    # A cluster client ANDs SCRIPT EXISTS over its nodes; ask each primary itself.
+    answers = [await n.execute_command("SCRIPT EXISTS", sha) for n in store.client.get_primaries()]
+    return any(a[0] for a in answers)
+
+
+async def test_script_flush_mid_run_costs_only_a_retry(store: Store, settings: Settings) -> None:
+    """SCRIPT FLUSH between and during claim bursts: every claim still succeeds."""
+    deal = await create_deal(store, new_deal(300))
+    issued = 0
+    for burst in range(3):
+        users = [f"u-{burst}-{i}" for i in range(100)]
+        flusher = asyncio.ensure_future(_script_flush(store, settings.redis_cluster))
+        results = await asyncio.gather(*(claims.claim(store, deal.id, u) for u in users))
+        await flusher
+        issued += sum(r.is_new for r in results)
+    assert issued == 300
+    await _script_flush(store, settings.redis_cluster)
+    sha = store.scripts["read_deal"].sha
+    assert await _script_cached(store, sha) is False
+    await get_deal(store, deal.id)
+    assert await _script_cached(store, sha) is True
+    assert (await get_deal(store, deal.id)).inventory_left == 0
+
+
+async def test_an_evicting_redis_is_refused_at_start(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """maxmemory-policy allkeys-lru could evict stock or unpersisted claims: refuse, clearly."""
+    server = EmbeddedRedis(tmp_path / "lru", config={"maxmemory-policy": "allkeys-lru"}).start()
+    try:
+        with pytest.raises(StartupError, match="maxmemory-policy is allkeys-lru"):
+            await Store.connect(Settings(redis_url=server.url))
+    finally:
+        server.stop()
+
+
+async def test_unreachable_redis_at_start_is_a_clear_startup_error() -> None:
+    with pytest.raises(StartupError, match="cannot reach Redis"):
+        await Store.connect(Settings(redis_url="redis://127.0.0.1:1/0"))
+
+
+async def test_stopped_redis_refuses_fast_then_recovers(own_redis: EmbeddedRedis) -> None:
+    """Redis really stopped: calls fail as StoreUnavailable within 2 s; restarted: they work."""
+    store = await Store.connect(Settings(redis_url=own_redis.url))
+    try:
+        deal = await create_deal(store, new_deal(10))
+        await claims.claim(store, deal.id, "u-1")
+        own_redis.stop()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(StoreUnavailable):
+            await claims.claim(store, deal.id, "u-2")
+        assert loop.time() - started < 2.0
+        own_redis.start()  # same port, same AOF: the deal survived
+        again = await claims.claim(store, deal.id, "u-2")
+        assert again.is_new and again.seq == 2
+    finally:
+        await store.close()
+
+
+async def test_aof_durability_confirms_claims_with_waitaof(own_redis: EmbeddedRedis) -> None:
+    """In aof mode claims are answered only after WAITAOF; a concurrent burst shares waits."""
+    store = await Store.connect(Settings(redis_url=own_redis.url, durability="aof"))
+    try:
+        deal = await create_deal(store, new_deal(50))
+        results = await asyncio.gather(*(claims.claim(store, deal.id, f"u-{i}") for i in range(50)))
+        assert sum(r.is_new for r in results) == 50
+    finally:
+        await store.close()
+
+
+async def test_aof_durability_refused_without_appendonly(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """aof mode on a server that keeps no AOF cannot confirm anything: refuse to start."""
+    server = EmbeddedRedis(tmp_path / "noaof", config={"appendonly": "no"}).start()
+    try:
+        with pytest.raises(StartupError, match="WAITAOF"):
+            await Store.connect(Settings(redis_url=server.url, durability="aof"))
+    finally:
+        server.stop()
