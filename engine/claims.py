@@ -68,7 +68,7 @@ async def claim(store: Store, deal_id: str, user_id: str) -> Claim:
     k = store.keys.for_deal(deal_id)
     reply = await store.run(
         "claim_voucher",
-        (k.deal, k.claimers, k.events, k.geo),
+        (k.deal, k.claimers, k.events, k.geo, k.vouchers),
         (user_id, new_voucher_id(deal_id), store.settings.stream_cap, deal_id),
     )
     outcome = reply[0]

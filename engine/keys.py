@@ -22,6 +22,7 @@ class DealKeys:
     partition: int
     deal: str
     claimers: str
+    vouchers: str
     redemptions: str
     events: str
     geo: str
@@ -61,6 +62,7 @@ class KeySpace:
             partition=p,
             deal=f"{base}:deal:{deal_id}",
             claimers=f"{base}:claimers:{deal_id}",
+            vouchers=f"{base}:vouchers:{deal_id}",
             redemptions=f"{base}:redeemed:{deal_id}",
             events=f"{base}:events",
             geo=f"{base}:geo",

@@ -4,6 +4,7 @@
 -- KEYS[2]  claimers hash        fs:{pNN}:claimers:<id>   user id -> "voucher|seq|claimed_at_ms"
 -- KEYS[3]  partition stream     fs:{pNN}:events
 -- KEYS[4]  partition geo index  fs:{pNN}:geo
+-- KEYS[5]  vouchers hash        fs:{pNN}:vouchers:<id>   voucher id -> user id
 -- ARGV[1]  user id
 -- ARGV[2]  voucher id to issue if this is a new claim (unused otherwise)
 -- ARGV[3]  stream cap (entries)
@@ -45,6 +46,7 @@ end
 left = redis.call('HINCRBY', KEYS[1], 'left', -1)
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2] .. '|' .. seq .. '|' .. now)
+redis.call('HSET', KEYS[5], ARGV[2], ARGV[1])
 redis.call('XADD', KEYS[3], '*',
   'type', 'claim', 'deal', ARGV[4], 'seq', seq, 'voucher', ARGV[2], 'user', ARGV[1], 'at', now)
 if left <= 0 then

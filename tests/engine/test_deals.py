@@ -59,7 +59,10 @@ async def test_deal_and_its_partition_stream_share_a_hash_slot(store: Store) -> 
 
     for i in range(50):
         k = store.keys.for_deal(f"d_{i:016x}")
-        slots = {key_slot(x.encode()) for x in (k.deal, k.claimers, k.events, k.geo, k.redemptions)}
+        slots = {
+            key_slot(x.encode())
+            for x in (k.deal, k.claimers, k.vouchers, k.events, k.geo, k.redemptions)
+        }
         assert len(slots) == 1
 
 

@@ -1,0 +1,105 @@
+"""The Starlette application: services in the lifespan, routes from each area module.
+
+Each area (deals, discovery, vouchers, me, ops) is a module exposing ``routes`` and,
+if it needs set-up, ``lifespan(services)`` (an async context manager); the app only
+assembles them, so a new area plugs in without reshaping anything.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+
+from api import errors
+from api.auth import Authenticator
+from api.metrics import Metrics, MetricsMiddleware
+from api.records import Records
+from engine.settings import Settings
+from engine.store import Store
+from engine.vouchers import VoucherSigner
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Services:
+    """What handlers need, built once in the lifespan and reached via ``services(request)``."""
+
+    settings: Settings
+    store: Store
+    auth: Authenticator
+    metrics: Metrics
+    signer: VoucherSigner
+    records: Records | None = None
+    # Areas that need more keep it here (set by their ``lifespan`` hooks).
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def services(request: Request) -> Services:
+    """The app's services, from inside a handler."""
+    return request.app.state.services  # type: ignore[no-any-return]
+
+
+_AREAS = ("ops", "deals", "discovery", "vouchers", "me")
+
+
+def _area_modules() -> list[Any]:
+    """The area modules present (each exposes ``routes``, optionally ``lifespan``)."""
+    modules = []
+    for name in _AREAS:
+        try:
+            modules.append(importlib.import_module(f"api.{name}"))
+        except ModuleNotFoundError as exc:
+            if exc.name != f"api.{name}":
+                raise
+    return modules
+
+
+def create_app(settings: Settings) -> Starlette:
+    """Build the API for ``settings`` (connections are opened in the lifespan)."""
+    if not settings.auth_secret:
+        raise ValueError("settings.auth_secret is required to serve the API")
+    metrics = Metrics()
+    modules = _area_modules()
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        store = await Store.connect(settings)
+        records = Records(settings.database_url) if settings.database_url else None
+        if records is not None:
+            await records.open()
+        svc = Services(
+            settings=settings,
+            store=store,
+            auth=Authenticator(settings.auth_secret or "", settings.token_cache_size),
+            metrics=metrics,
+            signer=VoucherSigner(settings.signing_keys_dir),
+            records=records,
+        )
+        app.state.services = svc
+        try:
+            async with AsyncExitStack() as stack:
+                for module in modules:
+                    hook = getattr(module, "lifespan", None)
+                    if hook is not None:
+                        await stack.enter_async_context(hook(svc))
+                yield
+        finally:
+            if records is not None:
+                await records.close()
+            await store.close()
+
+    app = Starlette(
+        routes=[route for module in modules for route in module.routes],
+        lifespan=lifespan,
+        exception_handlers=errors.handlers(),
+    )
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    return app

@@ -1,0 +1,73 @@
+"""One place that turns every failure into the API's JSON error body.
+
+The caller's mistakes (``ClientError``) and dependencies being down (``Unavailable``)
+carry their own status and code; anything else is our bug: 500, with a request id that
+is also in the log, and never a stack trace on the wire.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from api.jsonio import json
+from engine.errors import FlashsaleError, RateLimited, Unavailable
+
+log = logging.getLogger("flashsale.api")
+
+_HTTP_CODES = {
+    400: ("bad_request", "The request is malformed."),
+    404: ("not_found", "There is nothing at this path."),
+    405: ("method_not_allowed", "This method is not allowed on this path."),
+    413: ("payload_too_large", "The request body is over 64 KiB."),
+}
+
+
+def error_body(code: str, message: str, details: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, "details": details or {}}}
+
+
+async def on_flashsale_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, FlashsaleError)
+    headers = {}
+    if isinstance(exc, Unavailable | RateLimited):
+        headers["Retry-After"] = str(exc.retry_after_s)
+    if exc.status >= 500 and not isinstance(exc, Unavailable):
+        return await on_bug(request, exc)
+    return json(error_body(exc.code, exc.message, exc.details), exc.status, headers)
+
+
+async def on_http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code, message = _HTTP_CODES.get(exc.status_code, ("error", str(exc.detail)))
+    details: dict[str, Any] = {}
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405 and "Allow" in headers:
+        details["allow"] = headers["Allow"]
+    return json(error_body(code, message, details), exc.status_code, headers)
+
+
+async def on_bug(request: Request, exc: Exception) -> Response:
+    request_id = uuid.uuid4().hex
+    log.error(
+        "unhandled error request_id=%s %s %s",
+        request_id,
+        request.method,
+        request.url.path,
+        exc_info=exc,
+    )
+    body = error_body("internal", "Something went wrong on our side.", {"request_id": request_id})
+    return json(body, 500, {"X-Request-Id": request_id})
+
+
+def handlers() -> dict[Any, Any]:
+    return {
+        FlashsaleError: on_flashsale_error,
+        HTTPException: on_http_exception,
+        Exception: on_bug,
+    }

@@ -1,0 +1,101 @@
+"""Prometheus metrics: requests by route and status, latencies, claim outcomes, lag.
+
+Under several uvicorn workers set ``PROMETHEUS_MULTIPROC_DIR`` (``flashsale serve`` does)
+and every worker's numbers are summed on scrape.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client import multiprocess as prom_multiprocess
+
+_LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class Metrics:
+    """The API's metric families, registered once per process."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        # Our own registry: several apps in one process (tests) must not collide.
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "flashsale_http_requests_total",
+            "HTTP requests by route template, method and status.",
+            ("route", "method", "status"),
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "flashsale_http_request_duration_seconds",
+            "HTTP request latency by route template.",
+            ("route",),
+            buckets=_LATENCY_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.claims = Counter(
+            "flashsale_claims_total",
+            "Claim outcomes (claimed, already, sold_out, ended, ...).",
+            ("outcome",),
+            registry=self.registry,
+        )
+        self.stream_lag = Gauge(
+            "flashsale_stream_lag",
+            "Stream entries not yet persisted, summed over partitions (read at scrape).",
+            registry=self.registry,
+            multiprocess_mode="max",
+        )
+        self.dead_letters = Gauge(
+            "flashsale_dead_letters",
+            "Entries in the persister's dead-letter table (read at scrape).",
+            registry=self.registry,
+            multiprocess_mode="max",
+        )
+
+    def render(self) -> bytes:
+        if self.multiprocess:
+            registry = CollectorRegistry()
+            prom_multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+            return generate_latest(registry)
+        return generate_latest(self.registry)
+
+
+class MetricsMiddleware:
+    """Pure ASGI middleware: counts every HTTP request by its route template."""
+
+    def __init__(self, app: Any, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            self.metrics.requests.labels(template, scope["method"], str(status)).inc()
+            self.metrics.latency.labels(template).observe(time.perf_counter() - started)

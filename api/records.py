@@ -1,0 +1,62 @@
+"""The API's read side in PostgreSQL (asyncpg); its exceptions are translated here.
+
+The pool connects lazily (``min_size=0``) so the API starts, and claims go on, while
+PostgreSQL is down; ``/readyz`` says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import asyncpg
+
+from engine.errors import DatabaseUnavailable
+
+_DOWN: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.InterfaceError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+)
+
+
+class Records:
+    """A small pool for the API's PostgreSQL queries."""
+
+    def __init__(self, dsn: str, timeout_s: float = 2.0) -> None:
+        self.dsn = dsn
+        self.timeout_s = timeout_s
+        self._pool: Any = None
+
+    async def open(self) -> None:
+        self._pool = await asyncpg.create_pool(
+            self.dsn, min_size=0, max_size=10, timeout=self.timeout_s, command_timeout=5
+        )
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[Any]:
+        """A pooled connection; PostgreSQL being away becomes ``DatabaseUnavailable``."""
+        try:
+            async with asyncio.timeout(self.timeout_s * 3):
+                async with self._pool.acquire(timeout=self.timeout_s) as conn:
+                    yield conn
+        except _DOWN as exc:
+            raise DatabaseUnavailable() from exc
+
+    async def ping(self) -> bool:
+        try:
+            async with self.connection() as conn:
+                return bool(await conn.fetchval("SELECT 1") == 1)
+        except DatabaseUnavailable:
+            return False

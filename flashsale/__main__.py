@@ -1,0 +1,5 @@
+import sys
+
+from flashsale.cli import main
+
+sys.exit(main())
