@@ -97,7 +97,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         kid = rotate_key(wiring.resolve().signing_keys_dir)
         print(f"new signing key {kid}; API processes sign with it within 10 seconds")
         return 0
-    from persister import cli as persister_cli
+    import persister.cli as persister_cli
 
     handler = {
         "persist": persister_cli.persist,
