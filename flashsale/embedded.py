@@ -31,7 +31,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _die_with_parent(sig: int) -> None:
+def die_with_parent(sig: int) -> None:
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, sig)
     # The parent may have died between fork and prctl: then go now.
@@ -77,7 +77,7 @@ class _Child:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                preexec_fn=lambda: _die_with_parent(self.stop_signal),
+                preexec_fn=lambda: die_with_parent(self.stop_signal),
                 user=user,
                 start_new_session=True,
             )
