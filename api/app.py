@@ -21,6 +21,7 @@ from api import errors
 from api.auth import Authenticator
 from api.metrics import Metrics, MetricsMiddleware
 from api.records import Records
+from engine.errors import StartupError
 from engine.settings import Settings
 from engine.store import Store
 from engine.vouchers import VoucherSigner
@@ -64,8 +65,9 @@ def _area_modules() -> list[Any]:
 
 def create_app(settings: Settings) -> Starlette:
     """Build the API for ``settings`` (connections are opened in the lifespan)."""
-    if not settings.auth_secret:
-        raise ValueError("settings.auth_secret is required to serve the API")
+    if not settings.auth_secret or len(settings.auth_secret.encode()) < 32:
+        # HS256 with a short secret can be brute-forced offline from any token.
+        raise StartupError("FLASHSALE_AUTH_SECRET must be at least 32 bytes")
     metrics = Metrics()
     modules = _area_modules()
 

@@ -1,9 +1,450 @@
-"""The OpenAPI 3 document (filled in below)."""
+"""The OpenAPI 3 document of the public contract (API.md), served at /openapi.json."""
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any
 
+from api.validation import LAT_MAX
 
+_ID = {"type": "string", "pattern": "^[A-Za-z0-9._~-]{1,64}$", "maxLength": 64}
+_TIME = {"type": "string", "format": "date-time"}
+_BEARER: list[dict[str, list[str]]] = [{"bearer": []}]
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*statuses: int) -> dict[str, Any]:
+    text = {
+        400: "Invalid JSON",
+        401: "Missing, malformed, expired or badly signed token",
+        403: "Wrong role or not the owner",
+        404: "Not found",
+        409: "Refused by the deal's state",
+        413: "Body over 64 KiB",
+        422: "Invalid request (details name each bad field)",
+        503: "A dependency is down; retry after Retry-After seconds",
+    }
+    return {str(s): {"description": text[s], **_json(_ref("Error"))} for s in statuses}
+
+
+def _obj(props: dict[str, Any], required: list[str] | None = None, extra: bool = True) -> dict:
+    out: dict[str, Any] = {"type": "object", "properties": props}
+    if required:
+        out["required"] = required
+    if not extra:
+        out["additionalProperties"] = False
+    return out
+
+
+_SCHEMAS: dict[str, Any] = {
+    "Error": _obj(
+        {
+            "error": _obj(
+                {
+                    "code": {"type": "string"},
+                    "message": {"type": "string"},
+                    "details": {"type": "object"},
+                },
+                ["code", "message", "details"],
+            )
+        },
+        ["error"],
+    ),
+    "NewDeal": _obj(
+        {
+            "title": {"type": "string", "minLength": 1, "maxLength": 200},
+            "description": {"type": "string", "maxLength": 2000, "nullable": True},
+            "lat": {"type": "number", "minimum": -LAT_MAX, "maximum": LAT_MAX},
+            "lng": {"type": "number", "minimum": -180, "maximum": 180},
+            "inventory": {"type": "integer", "minimum": 1, "maximum": 1_000_000},
+            "starts_at": {**_TIME, "nullable": True},
+            "ends_at": _TIME,
+            "redeem_until": {**_TIME, "nullable": True},
+        },
+        ["title", "lat", "lng", "inventory", "ends_at"],
+        extra=False,
+    ),
+    "Deal": _obj(
+        {
+            "id": _ID,
+            "merchant_id": _ID,
+            "title": {"type": "string"},
+            "description": {"type": "string"},
+            "lat": {"type": "number"},
+            "lng": {"type": "number"},
+            "inventory_total": {"type": "integer"},
+            "inventory_left": {"type": "integer", "minimum": 0},
+            "starts_at": _TIME,
+            "ends_at": _TIME,
+            "redeem_until": _TIME,
+            "status": {
+                "type": "string",
+                "enum": ["scheduled", "active", "sold_out", "ended", "cancelled"],
+            },
+        },
+        [
+            "id",
+            "merchant_id",
+            "title",
+            "lat",
+            "lng",
+            "inventory_total",
+            "inventory_left",
+            "starts_at",
+            "ends_at",
+            "redeem_until",
+            "status",
+        ],
+    ),
+    "NearbyDeal": {
+        "allOf": [
+            _ref("Deal"),
+            _obj({"distance_km": {"type": "number", "minimum": 0}}, ["distance_km"]),
+        ]
+    },
+    "Voucher": _obj(
+        {
+            "id": _ID,
+            "deal_id": _ID,
+            "user_id": _ID,
+            "merchant_id": _ID,
+            "claimed_at": _TIME,
+            "expires_at": _TIME,
+            "token": {"type": "string", "description": "compact JWS, ES256, typ vch+jwt"},
+            "qr_url": {"type": "string"},
+        },
+        ["id", "deal_id", "user_id", "merchant_id", "claimed_at", "expires_at", "token", "qr_url"],
+    ),
+    "VoucherWithStatus": {
+        "allOf": [
+            _ref("Voucher"),
+            _obj({"status": {"type": "string", "enum": ["issued", "redeemed"]}}, ["status"]),
+        ]
+    },
+    "ClaimResult": _obj(
+        {"voucher": _ref("Voucher"), "inventory_left": {"type": "integer", "minimum": 0}},
+        ["voucher", "inventory_left"],
+    ),
+    "Redemption": _obj(
+        {
+            "redemption": _obj(
+                {
+                    "voucher_id": _ID,
+                    "redeemed_at": _TIME,
+                    "status": {"type": "string", "enum": ["redeemed"]},
+                },
+                ["voucher_id", "redeemed_at", "status"],
+            )
+        },
+        ["redemption"],
+    ),
+    "SyncRequest": _obj(
+        {
+            "device_id": {"type": "string", "maxLength": 64},
+            "entries": {
+                "type": "array",
+                "maxItems": 1000,
+                "items": _obj(
+                    {
+                        "entry_id": {"type": "string"},
+                        "token": {"type": "string"},
+                        "redeemed_at": _TIME,
+                    },
+                    ["token", "redeemed_at"],
+                ),
+            },
+        },
+        ["device_id", "entries"],
+    ),
+    "SyncResult": _obj(
+        {
+            "results": {
+                "type": "array",
+                "items": _obj(
+                    {
+                        "entry_id": {"type": "string", "nullable": True},
+                        "status": {
+                            "type": "string",
+                            "enum": ["accepted", "duplicate", "conflict", "rejected"],
+                        },
+                        "code": {"type": "string", "nullable": True},
+                        "first_redeemed_at": {**_TIME, "nullable": True},
+                    },
+                    ["entry_id", "status"],
+                ),
+            }
+        },
+        ["results"],
+    ),
+    "Ready": _obj(
+        {
+            "status": {"type": "string", "enum": ["ok", "unavailable"]},
+            "checks": _obj(
+                {
+                    "redis": {"type": "string", "enum": ["ok", "down"]},
+                    "postgres": {"type": "string", "enum": ["ok", "down"]},
+                },
+                ["redis", "postgres"],
+            ),
+            "stream_lag": {"type": "integer", "nullable": True},
+        },
+        ["status", "checks", "stream_lag"],
+    ),
+}
+
+
+def _deal_param() -> dict[str, Any]:
+    return {"name": "deal_id", "in": "path", "required": True, "schema": _ID}
+
+
+def _voucher_param() -> dict[str, Any]:
+    return {"name": "voucher_id", "in": "path", "required": True, "schema": _ID}
+
+
+def _query(name: str, schema: dict[str, Any], required: bool = False) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": required, "schema": schema}
+
+
+def _paths() -> dict[str, Any]:
+    deal_ok = {"description": "The deal", **_json(_obj({"deal": _ref("Deal")}, ["deal"]))}
+    return {
+        "/v1/deals": {
+            "post": {
+                "summary": "Create a deal (merchant)",
+                "security": _BEARER,
+                "requestBody": {"required": True, **_json(_ref("NewDeal"))},
+                "responses": {"201": deal_ok, **_errors(400, 401, 403, 413, 422, 503)},
+            },
+            "get": {
+                "summary": "Active deals near a point, nearest first (public)",
+                "parameters": [
+                    _query(
+                        "lat", {"type": "number", "minimum": -LAT_MAX, "maximum": LAT_MAX}, True
+                    ),
+                    _query("lng", {"type": "number", "minimum": -180, "maximum": 180}, True),
+                    _query(
+                        "radius_km",
+                        {
+                            "type": "number",
+                            "exclusiveMinimum": True,
+                            "minimum": 0,
+                            "maximum": 50,
+                            "default": 5,
+                        },
+                    ),
+                    _query(
+                        "limit", {"type": "integer", "minimum": 1, "maximum": 100, "default": 20}
+                    ),
+                ],
+                "responses": {
+                    "200": {
+                        "description": "Nearby active deals",
+                        **_json(
+                            _obj(
+                                {
+                                    "deals": {"type": "array", "items": _ref("NearbyDeal")},
+                                    "count": {"type": "integer"},
+                                },
+                                ["deals", "count"],
+                            )
+                        ),
+                    },
+                    **_errors(422, 503),
+                },
+            },
+        },
+        "/v1/deals/{deal_id}": {
+            "get": {
+                "summary": "A deal with live status (public)",
+                "parameters": [_deal_param()],
+                "responses": {"200": deal_ok, **_errors(404, 503)},
+            }
+        },
+        "/v1/deals/{deal_id}/cancel": {
+            "post": {
+                "summary": "Cancel a deal (its merchant): stops new claims at once",
+                "security": _BEARER,
+                "parameters": [_deal_param()],
+                "responses": {"200": deal_ok, **_errors(401, 403, 404, 503)},
+            }
+        },
+        "/v1/deals/{deal_id}/claims": {
+            "post": {
+                "summary": "Claim a voucher (user); a retry returns the same voucher",
+                "security": _BEARER,
+                "parameters": [_deal_param()],
+                "responses": {
+                    "201": {"description": "A new voucher", **_json(_ref("ClaimResult"))},
+                    "200": {
+                        "description": "The voucher already held",
+                        **_json(_ref("ClaimResult")),
+                    },
+                    **_errors(401, 403, 404, 409, 503),
+                },
+            }
+        },
+        "/v1/vouchers/{voucher_id}": {
+            "get": {
+                "summary": "A voucher and its status (the holder or the deal's merchant)",
+                "security": _BEARER,
+                "parameters": [_voucher_param()],
+                "responses": {
+                    "200": {
+                        "description": "The voucher",
+                        **_json(
+                            _obj(
+                                {
+                                    "voucher": _ref("Voucher"),
+                                    "status": {"type": "string", "enum": ["issued", "redeemed"]},
+                                },
+                                ["voucher", "status"],
+                            )
+                        ),
+                    },
+                    **_errors(401, 404, 503),
+                },
+            }
+        },
+        "/v1/vouchers/{voucher_id}/qr.svg": {
+            "get": {
+                "summary": "The voucher token as an SVG QR code (the holder)",
+                "security": _BEARER,
+                "parameters": [_voucher_param()],
+                "responses": {
+                    "200": {"description": "SVG", "content": {"image/svg+xml": {}}},
+                    **_errors(401, 404, 503),
+                },
+            }
+        },
+        "/v1/vouchers/{voucher_id}/qr.png": {
+            "get": {
+                "summary": "The voucher token as a PNG QR code (the holder)",
+                "security": _BEARER,
+                "parameters": [_voucher_param()],
+                "responses": {
+                    "200": {"description": "PNG", "content": {"image/png": {}}},
+                    **_errors(401, 404, 503),
+                },
+            }
+        },
+        "/v1/me/vouchers": {
+            "get": {
+                "summary": "The caller's vouchers, newest first (user)",
+                "security": _BEARER,
+                "parameters": [
+                    _query(
+                        "limit", {"type": "integer", "minimum": 1, "maximum": 100, "default": 20}
+                    ),
+                    _query("cursor", {"type": "string"}),
+                ],
+                "responses": {
+                    "200": {
+                        "description": "A page of vouchers",
+                        **_json(
+                            _obj(
+                                {
+                                    "vouchers": {
+                                        "type": "array",
+                                        "items": _ref("VoucherWithStatus"),
+                                    },
+                                    "next_cursor": {"type": "string", "nullable": True},
+                                },
+                                ["vouchers", "next_cursor"],
+                            )
+                        ),
+                    },
+                    **_errors(401, 403, 422, 503),
+                },
+            }
+        },
+        "/v1/redemptions": {
+            "post": {
+                "summary": "Redeem a voucher online (merchant)",
+                "security": _BEARER,
+                "requestBody": {
+                    "required": True,
+                    **_json(_obj({"token": {"type": "string"}}, ["token"], extra=False)),
+                },
+                "responses": {
+                    "200": {"description": "Redeemed", **_json(_ref("Redemption"))},
+                    **_errors(400, 401, 403, 409, 413, 422, 503),
+                },
+            }
+        },
+        "/v1/redemptions/sync": {
+            "post": {
+                "summary": "Upload an offline redemption log (merchant), at most 1000 entries",
+                "security": _BEARER,
+                "requestBody": {"required": True, **_json(_ref("SyncRequest"))},
+                "responses": {
+                    "200": {
+                        "description": "One result per entry, in order",
+                        **_json(_ref("SyncResult")),
+                    },
+                    **_errors(400, 401, 403, 413, 422, 503),
+                },
+            }
+        },
+        "/.well-known/jwks.json": {
+            "get": {
+                "summary": "Public keys that may verify a live voucher (public)",
+                "responses": {"200": {"description": "JWKS", **_json({"type": "object"})}},
+            }
+        },
+        "/healthz": {
+            "get": {
+                "summary": "The process is up",
+                "responses": {"200": {"description": "Up", **_json({"type": "object"})}},
+            }
+        },
+        "/readyz": {
+            "get": {
+                "summary": "Redis and PostgreSQL answer",
+                "responses": {
+                    "200": {"description": "Ready", **_json(_ref("Ready"))},
+                    "503": {"description": "Not ready", **_json(_ref("Ready"))},
+                },
+            }
+        },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics",
+                "responses": {
+                    "200": {"description": "Prometheus text", "content": {"text/plain": {}}}
+                },
+            }
+        },
+        "/openapi.json": {
+            "get": {
+                "summary": "This document",
+                "responses": {"200": {"description": "OpenAPI 3", **_json({"type": "object"})}},
+            }
+        },
+    }
+
+
+@cache
 def document() -> dict[str, Any]:
-    return {"openapi": "3.0.3", "info": {"title": "flashsale", "version": "1"}, "paths": {}}
+    """The whole document (built once)."""
+    return {
+        "openapi": "3.0.3",
+        "info": {
+            "title": "flashsale",
+            "version": "1.0.0",
+            "description": "Hyperlocal flash sales: deals, claims, vouchers, redemptions.",
+        },
+        "paths": _paths(),
+        "components": {
+            "schemas": _SCHEMAS,
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
+            },
+        },
+    }

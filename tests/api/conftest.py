@@ -18,7 +18,7 @@ from engine.settings import Settings
 from flashsale.embedded import free_port
 from tests.conftest import flush
 
-SECRET = "test-secret-" + "x" * 32
+SECRET = "test-secret-" + "x" * 64
 
 
 @dataclass
