@@ -1,0 +1,84 @@
+"""Discovery route: ``GET /v1/deals?lat=&lng=&radius_km=&limit=`` (public)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from api.app import Services, services
+from api.jsonio import json
+from api.validation import LAT_MAX, query_int, query_number
+from engine.discovery import Discovery
+from engine.errors import InvalidRequest, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+RADIUS_DEFAULT_KM = 5.0
+RADIUS_MAX_KM = 50.0
+LIMIT_DEFAULT = 20
+LIMIT_MAX = 100
+# How often ended deals nobody looked at are swept from the geo indexes (one process
+# per partition per interval, by lease), and the jitter that spreads processes apart.
+SWEEP_INTERVAL_S = 60.0
+SWEEP_JITTER = 0.2
+
+
+def discovery(request: Request) -> Discovery:
+    """This app's ``Discovery`` (built in the lifespan)."""
+    found: Discovery = services(request).extras["discovery"]
+    return found
+
+
+async def nearby(request: Request) -> Response:
+    params = request.query_params
+    problems: dict[str, str] = {}
+    lat = query_number(params, "lat", problems, default=None, low=-LAT_MAX, high=LAT_MAX)
+    lng = query_number(params, "lng", problems, default=None, low=-180.0, high=180.0)
+    radius = query_number(
+        params, "radius_km", problems, default=RADIUS_DEFAULT_KM, low=0.0, high=RADIUS_MAX_KM,
+        low_open=True,
+    )  # fmt: skip
+    limit = query_int(params, "limit", problems, default=LIMIT_DEFAULT, low=1, high=LIMIT_MAX)
+    if problems:
+        names = ", ".join(sorted(problems))
+        raise InvalidRequest(f"Invalid query parameters: {names}.", fields=problems)
+    assert lat is not None and lng is not None and radius is not None and limit is not None
+    found = await discovery(request).nearby(lat, lng, radius, limit)
+    return json({"deals": [n.to_json() for n in found], "count": len(found)})
+
+
+async def _sweep_forever(d: Discovery, interval_s: float) -> None:
+    while True:
+        await asyncio.sleep(interval_s * (1 + SWEEP_JITTER * random.random()))
+        try:
+            removed = await d.sweep(lease_ms=int(interval_s * 1000))
+        except StoreUnavailable:
+            log.warning("discovery sweep: Redis unavailable; will retry")
+            continue
+        if removed:
+            log.info("discovery sweep removed %d ended deals from the geo indexes", removed)
+
+
+@asynccontextmanager
+async def lifespan(svc: Services) -> AsyncIterator[None]:
+    d = Discovery(svc.store)
+    svc.extras["discovery"] = d
+    task = asyncio.get_running_loop().create_task(_sweep_forever(d, SWEEP_INTERVAL_S))
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await d.close()
+
+
+routes = [Route("/v1/deals", nearby, methods=["GET"])]

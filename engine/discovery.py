@@ -1,0 +1,417 @@
+"""Discovery: active deals near a point, from the partition geo indexes, exact and live.
+
+How an answer is made:
+
+1. **Candidates** come from the geo indexes (one per partition, ``fs:{pNN}:geo``), searched
+   from the centre of the caller's quantized cell with one ``GEOSEARCH ... ASC COUNT m`` per
+   partition, all in one pipeline (on a cluster, redis-py sends each node its share at
+   once). The search is wide enough for any point of the cell, so neighbours share one
+   cached entry: ids, geo-index coordinates and distances from the cell centre, never
+   stock or status. ``COUNT`` keeps a dense city cheap; the entry records how far it is
+   complete (``covered_km``) and is widened when a caller needs more.
+2. **Exact order** for the caller's own point: candidates are walked nearest-first from
+   the caller (a heap fed in order of distance from the centre, so only those that can
+   matter are measured), by Haversine with Earth radius 6371.0088 km.
+3. **Live state** of the nearest few is read on every response (``read_deal``: the hash
+   and the deal's own Redis clock, as claims judge it); only ``active`` deals are kept,
+   and the exact distance is taken from the hash's coordinates (the geo index rounds
+   them to its 52-bit geohash, well under ``GEO_SLACK_KM``).
+
+Terminal deals (ended, cancelled, sold out) seen on the way leave the index at once;
+``sweep`` removes the ended ones nobody looked at, so the index does not grow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import math
+import sys
+import time
+from array import array
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.deals import ACTIVE, SCHEDULED, Deal
+from engine.errors import StoreUnavailable
+from engine.keys import geo_key
+from engine.store import Store
+from engine.times import now_ms
+
+log = logging.getLogger(__name__)
+
+EARTH_RADIUS_KM = 6371.0088  # the API's Haversine radius (IUGG mean radius)
+REDIS_EARTH_RADIUS_KM = 6372.797560856  # what GEOSEARCH measures with
+# Geo-index coordinates are a 52-bit geohash cell's centre: at most ~0.35 m off the
+# deal's own. Every bound that mixes the two kinds of coordinates allows this much.
+GEO_SLACK_KM = 0.002
+LAT_MAX = 85.05112878  # the band a geo index can hold
+
+# Candidates asked of each partition per cached entry, first time round: enough for the
+# nearest ``limit`` from anywhere in the cell in a dense city; widened x8 when not.
+_FIRST_COUNT_FACTOR = 4
+_FIRST_COUNT_MIN = 8
+_WIDEN_FACTOR = 8
+# Beyond this many per partition, ask for everything in the radius instead.
+_COUNT_CAP = 2_000
+CACHE_ENTRIES = 4_096  # entries kept per process (least recently used go first)
+SWEEP_CHUNK = 500  # members read per ZSCAN step
+# A deal is swept as ended only once this process's clock is this far past ``ends``:
+# the claim script judges by Redis's clock, and the sweep must never be early.
+SWEEP_CLOCK_MARGIN_MS = 10_000
+_TERMINAL_LEFT = 0
+
+
+def haversine_km(lat1: float, lng1: float, lat2: float, lng2: float) -> float:
+    """Great-circle distance in km (Haversine, Earth radius 6371.0088 km)."""
+    p1 = math.radians(lat1)
+    p2 = math.radians(lat2)
+    a = (
+        math.sin((p2 - p1) / 2) ** 2
+        + math.cos(p1) * math.cos(p2) * math.sin(math.radians(lng2 - lng1) / 2) ** 2
+    )
+    return 2 * EARTH_RADIUS_KM * math.asin(min(1.0, math.sqrt(a)))
+
+
+@dataclass(frozen=True, slots=True)
+class Nearby:
+    """An active deal and its exact distance from the caller."""
+
+    deal: Deal
+    distance_km: float
+
+    def to_json(self) -> dict[str, Any]:
+        """The API's ``Deal`` object plus ``distance_km``."""
+        out = self.deal.to_json()
+        out["distance_km"] = self.distance_km
+        return out
+
+
+@dataclass(slots=True)
+class _Candidates:
+    """A cached candidate list for one cell: ids and where the index puts them, no state."""
+
+    lat: float  # the search centre
+    lng: float
+    ids: list[str]
+    lats: array[float]
+    lngs: array[float]
+    dist_km: array[float]  # from the centre, ascending
+    # Every indexed deal within this distance of the centre was in the index's answer.
+    covered_km: float
+    count: int | None  # COUNT asked of each partition (None: everything in the radius)
+    expires_at: float
+    # Ids seen in a terminal state (ended, cancelled, sold out, gone): never read again.
+    dead: set[str] = field(default_factory=set)
+
+
+class _Nearest:
+    """The candidates in increasing distance from the caller, measured only when needed."""
+
+    def __init__(self, c: _Candidates, lat: float, lng: float, max_km: float) -> None:
+        self.c = c
+        self.lat = lat
+        self.lng = lng
+        # The caller is this far from the centre: a candidate at ``d`` from the centre is
+        # at least ``d - offset`` from the caller (triangle inequality).
+        self.offset = haversine_km(lat, lng, c.lat, c.lng)
+        self.max_km = max_km
+        self.heap: list[tuple[float, int]] = []
+        self.i = 0
+
+    def _fill(self) -> None:
+        c, heap, n = self.c, self.heap, len(self.c.ids)
+        dist, lats, lngs, dead = c.dist_km, c.lats, c.lngs, c.dead
+        while self.i < n:
+            i = self.i
+            lower = dist[i] - self.offset
+            if lower > self.max_km or (heap and lower > heap[0][0]):
+                return
+            self.i += 1
+            if c.ids[i] in dead:
+                continue
+            d = haversine_km(self.lat, self.lng, lats[i], lngs[i])
+            if d <= self.max_km:
+                heapq.heappush(heap, (d, i))
+
+    def peek_km(self) -> float | None:
+        """The distance of the next nearest candidate, or ``None`` when none is left."""
+        self._fill()
+        return self.heap[0][0] if self.heap else None
+
+    def take(self, n: int, up_to_km: float) -> list[str]:
+        """Up to ``n`` next nearest ids at most ``up_to_km`` away."""
+        out: list[str] = []
+        while len(out) < n:
+            d = self.peek_km()
+            if d is None or d > up_to_km:
+                break
+            out.append(self.c.ids[heapq.heappop(self.heap)[1]])
+        return out
+
+
+class Discovery:
+    """Answers "active deals near here", with a per-process cache of candidate ids."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        cache_s: float | None = None,
+        cell_deg: float | None = None,
+        cache_entries: int = CACHE_ENTRIES,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.cache_s = store.settings.discovery_cache_s if cache_s is None else cache_s
+        self.cell_deg = store.settings.discovery_cell_deg if cell_deg is None else cell_deg
+        self.cache_entries = cache_entries
+        self.clock = clock
+        self._cache: OrderedDict[tuple[int, int, float, int], _Candidates] = OrderedDict()
+        self._loading: dict[tuple[int, int, float, int], asyncio.Future[_Candidates]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.hits = 0
+        self.misses = 0
+
+    # -- the query -------------------------------------------------------------
+
+    async def nearby(self, lat: float, lng: float, radius_km: float, limit: int) -> list[Nearby]:
+        """Active deals within ``radius_km`` of the point, nearest first, at most ``limit``."""
+        key, clat, clng, half_diag_km = self._cell(lat, lng, radius_km, limit)
+        entry = await self._entry(key, clat, clng, radius_km + half_diag_km, limit)
+        for _ in range(2):
+            found = await self._answer(entry, lat, lng, radius_km, limit)
+            if found is not None:
+                return found
+            if entry.count is None:
+                break
+            # Too few candidates for this corner of the cell: widen the shared entry.
+            wider = entry.count * _WIDEN_FACTOR
+            entry = await self._load(
+                clat, clng, radius_km + half_diag_km, None if wider > _COUNT_CAP else wider
+            )
+            self._remember(key, entry)
+        # Still short (only if the cell geometry was misjudged): search from the caller.
+        entry = await self._load(lat, lng, radius_km, None)
+        found = await self._answer(entry, lat, lng, radius_km, limit)
+        assert found is not None, "a complete search from the caller always suffices"
+        return found
+
+    async def _answer(
+        self, c: _Candidates, lat: float, lng: float, radius_km: float, limit: int
+    ) -> list[Nearby] | None:
+        """The answer from ``c``, or ``None`` if ``c`` might miss a nearer active deal."""
+        walk = _Nearest(c, lat, lng, radius_km + GEO_SLACK_KM)
+        found: list[tuple[float, str, Deal]] = []
+        threshold = radius_km  # a deal farther than this cannot be in the answer
+        first = True
+        while True:
+            want = limit + limit // 2 + 2 if first else max(limit - len(found), 4) * 2
+            first = False
+            ids = walk.take(want, threshold + GEO_SLACK_KM)
+            if not ids:
+                break
+            for deal_id, deal in zip(ids, await self._read(ids), strict=True):
+                status = None if deal is None else deal.status
+                if deal is None or status != ACTIVE:
+                    if status != SCHEDULED:  # ended, cancelled, sold out or gone: for good
+                        c.dead.add(deal_id)
+                        self._forget(deal_id)
+                    continue
+                d = haversine_km(lat, lng, deal.lat, deal.lng)
+                if d <= radius_km:
+                    found.append((d, deal_id, deal))
+            if len(found) >= limit:
+                found.sort(key=_by_distance)
+                del found[limit:]
+                threshold = found[-1][0]
+        # Deals the index did not return are beyond ``covered_km`` from the centre.
+        if c.covered_km - walk.offset - GEO_SLACK_KM < threshold:
+            return None
+        found.sort(key=_by_distance)
+        return [Nearby(deal, d) for d, _, deal in found[:limit]]
+
+    async def _read(self, ids: list[str]) -> list[Deal | None]:
+        """Live deals (``None`` for gone ones), judged by their own Redis node's clock."""
+        keys = self.store.keys
+        replies = await asyncio.gather(
+            *(self.store.run("read_deal", (keys.for_deal(i).deal,), ()) for i in ids)
+        )
+        return [
+            Deal.from_hash(i, _pairs(r[1:]), int(r[0])) if len(r) > 1 else None
+            for i, r in zip(ids, replies, strict=True)
+        ]
+
+    # -- candidates and the cache ---------------------------------------------
+
+    def _cell(
+        self, lat: float, lng: float, radius_km: float, limit: int
+    ) -> tuple[tuple[int, int, float, int], float, float, float]:
+        """The cache key, search centre and half-diagonal (km) of the point's cell."""
+        step = self.cell_deg
+        rows = math.ceil(2 * LAT_MAX / step)
+        cols = math.ceil(360.0 / step)
+        y = min(int((lat + LAT_MAX) // step), rows - 1)
+        x = min(int((lng + 180.0) // step), cols - 1)
+        lat0 = -LAT_MAX + y * step
+        lat1 = min(lat0 + step, LAT_MAX)
+        lng0 = -180.0 + x * step
+        lng1 = min(lng0 + step, 180.0)
+        clat, clng = (lat0 + lat1) / 2, (lng0 + lng1) / 2
+        corners = ((lat0, lng0), (lat0, lng1), (lat1, lng0), (lat1, lng1))
+        half = max(haversine_km(clat, clng, a, b) for a, b in corners)
+        return (y, x, radius_km, limit), clat, clng, half * 1.0001 + 1e-6
+
+    async def _entry(
+        self, key: tuple[int, int, float, int], clat: float, clng: float, reach_km: float,
+        limit: int,
+    ) -> _Candidates:  # fmt: skip
+        now = self.clock()
+        entry = self._cache.get(key)
+        if entry is not None and entry.expires_at > now:
+            self.hits += 1
+            self._cache.move_to_end(key)
+            return entry
+        self.misses += 1
+        loading = self._loading.get(key)
+        if loading is not None:  # a neighbour is fetching this cell right now
+            return await asyncio.shield(loading)
+        count = max(_FIRST_COUNT_MIN, -(-_FIRST_COUNT_FACTOR * limit // self.store.keys.partitions))
+        future: asyncio.Future[_Candidates] = asyncio.get_running_loop().create_future()
+        self._loading[key] = future
+        try:
+            entry = await self._load(clat, clng, reach_km, count)
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: waiters re-raise it, nobody else must
+            raise
+        finally:
+            del self._loading[key]
+        future.set_result(entry)
+        self._remember(key, entry)
+        return entry
+
+    def _remember(self, key: tuple[int, int, float, int], entry: _Candidates) -> None:
+        if self.cache_s <= 0:
+            return
+        self._cache[key] = entry
+        self._cache.move_to_end(key)
+        while len(self._cache) > self.cache_entries:
+            self._cache.popitem(last=False)
+
+    async def _load(
+        self, lat: float, lng: float, reach_km: float, count: int | None
+    ) -> _Candidates:
+        """Every indexed deal within ``reach_km`` of the point (nearest ``count`` per partition)."""
+        reach_km += 2 * GEO_SLACK_KM
+        # GEOSEARCH measures with a larger Earth: the same angle is a longer distance.
+        redis_km = reach_km * (REDIS_EARTH_RADIUS_KM / EARTH_RADIUS_KM) + GEO_SLACK_KM
+        # Valkey/Redis miss members across the antimeridian from a centre at exactly +180.
+        search_lng = -180.0 if lng >= 180.0 else lng
+        pipe = self.store.client.pipeline(transaction=False)
+        for p in range(self.store.keys.partitions):
+            pipe.geosearch(
+                geo_key(p), longitude=search_lng, latitude=lat, radius=redis_km, unit="km",
+                sort="ASC", count=count, withcoord=True,
+            )  # fmt: skip
+        async with self.store.guard():
+            replies = await pipe.execute()
+        covered = reach_km
+        rows: list[tuple[float, str, float, float]] = []
+        for reply in replies:
+            for member, (m_lng, m_lat) in reply:
+                rows.append((haversine_km(lat, lng, m_lat, m_lng), member, m_lat, m_lng))
+            if count is not None and len(reply) >= count:
+                # This partition may hold more deals just past its farthest one returned.
+                m_lng, m_lat = reply[-1][1]
+                covered = min(covered, haversine_km(lat, lng, m_lat, m_lng) - 1e-9)
+        rows.sort()
+        return _Candidates(
+            lat=lat,
+            lng=lng,
+            ids=[sys.intern(r[1]) for r in rows],
+            lats=array("d", (r[2] for r in rows)),
+            lngs=array("d", (r[3] for r in rows)),
+            dist_km=array("d", (r[0] for r in rows)),
+            covered_km=covered,
+            count=count,
+            expires_at=self.clock() + self.cache_s,
+        )
+
+    # -- keeping the index small ------------------------------------------------
+
+    def _forget(self, deal_id: str) -> None:
+        """Drop a deal seen in a terminal state from its index, in the background."""
+        task = asyncio.get_running_loop().create_task(self._zrem(deal_id))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _zrem(self, deal_id: str) -> None:
+        try:
+            async with self.store.guard():
+                await self.store.client.zrem(self.store.keys.for_deal(deal_id).geo, deal_id)
+        except StoreUnavailable:
+            pass  # the sweep will get it
+
+    async def sweep(self, *, lease_ms: int = 0) -> int:
+        """Remove ended, cancelled, sold-out and vanished deals from every geo index.
+
+        Args:
+            lease_ms: if set, sweep a partition only if no other process has in the last
+                ``lease_ms`` (a ``SET NX PX`` lease), so N API processes do the work once.
+
+        Returns:
+            How many index entries were removed.
+        """
+        removed = 0
+        for p in range(self.store.keys.partitions):
+            removed += await self._sweep_partition(p, lease_ms)
+        return removed
+
+    async def _sweep_partition(self, partition: int, lease_ms: int) -> int:
+        client, geo = self.store.client, geo_key(partition)
+        removed = 0
+        async with self.store.guard():
+            if lease_ms and not await client.set(f"{geo}:sweep", "1", nx=True, px=lease_ms):
+                return 0
+            cursor: int = 0
+            while True:
+                cursor, items = await client.zscan(geo, cursor, count=SWEEP_CHUNK)
+                ids = [member for member, _score in items]
+                if ids:
+                    pipe = client.pipeline(transaction=False)
+                    for deal_id in ids:
+                        pipe.hmget(
+                            self.store.keys.for_deal(deal_id).deal, "ends", "left", "cancelled"
+                        )
+                    states = await pipe.execute()
+                    cutoff = now_ms() - SWEEP_CLOCK_MARGIN_MS
+                    dead = [
+                        deal_id
+                        for deal_id, (ends, left, cancelled) in zip(ids, states, strict=True)
+                        if ends is None
+                        or left is None
+                        or cancelled
+                        or int(ends) <= cutoff
+                        or int(left) <= _TERMINAL_LEFT
+                    ]
+                    if dead:
+                        removed += int(await client.zrem(geo, *dead))
+                if int(cursor) == 0:
+                    return removed
+
+    async def close(self) -> None:
+        """Wait for background index removals."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _by_distance(row: tuple[float, str, Deal]) -> tuple[float, str]:
+    return row[0], row[1]
+
+
+def _pairs(flat: list[Any]) -> dict[str, str]:
+    return dict(zip(flat[::2], flat[1::2], strict=True))
