@@ -81,9 +81,9 @@ def _depth(value: Any, limit: int) -> int:
     return deepest
 
 
-async def read_json_object(request: Request) -> dict[str, Any]:
+async def read_json_object(request: Request, limit: int = MAX_BODY_BYTES) -> dict[str, Any]:
     """Parse the body as one JSON object (400 ``invalid_json`` otherwise)."""
-    body = await read_body(request)
+    body = await read_body(request, limit)
     if not body.strip():
         raise InvalidJson("The request body is empty; a JSON object is expected.")
     try:

@@ -38,6 +38,11 @@ def events_key(partition: int) -> str:
     return f"{PREFIX}:{tag(partition)}:events"
 
 
+def consumer_lease_key(name: str) -> str:
+    """A persister's lease on its consumer name (so two processes never share one)."""
+    return f"{PREFIX}:persister:lease:{name}"
+
+
 def geo_key(partition: int) -> str:
     """The partition's geo index of deals that may still be claimable."""
     return f"{PREFIX}:{tag(partition)}:geo"
@@ -79,3 +84,12 @@ class KeySpace:
     def deal_pattern(self) -> str:
         """A SCAN pattern matching every deal hash."""
         return f"{PREFIX}:*:deal:*"
+
+
+def sync_entries_key(merchant_id: str) -> str:
+    """A merchant's offline-sync entries: entry id -> the first result (a hash, one slot).
+
+    The id is hex-encoded: a caller id may hold any character, and must never make this
+    name match another pattern (``deal_pattern``) or pick a hash tag.
+    """
+    return f"{PREFIX}:sync:{merchant_id.encode().hex()}"

@@ -1,30 +1,80 @@
 """Voucher tokens: ES256-signed JWTs a merchant can verify offline.
 
-Keys live as PEM files in the keys directory, one per ``kid``; the newest signs.
+Keys live as PKCS#8 PEM files (mode 0600) in the keys directory, one per ``kid``; a kid
+starts with its creation time (``k20261124T180000-1a2b3c``), so names sort by age and the
+newest key signs. A key is *retired* when a newer one appears; it stays published in the
+JWKS (and accepted here) until every voucher it may have signed has expired. That moment
+is derived, not stored: a voucher's ``exp`` is at most its claim time + 30 days (the
+longest claim window) + 90 days (the longest redeem period), and the retired key signed
+nothing after its successor's creation time + one reload period. So the directory alone
+is the state, and every API process sharing it agrees on the key set.
+
+Running processes pick up a rotation by calling :meth:`VoucherSigner.reload` every
+:data:`RELOAD_S` seconds (the API's ``vouchers`` lifespan does), well inside 10 seconds.
 """
 
 from __future__ import annotations
 
+import base64
+import calendar
+import hashlib
+import itertools
+import logging
 import os
+import re
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import jwt
-from cryptography.hazmat.primitives import serialization
+import orjson
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import (
+    decode_dss_signature,
+    encode_dss_signature,
+)
+from jwt.algorithms import ECAlgorithm
 
-from engine.claims import Claim
-from engine.times import to_rfc3339
+from engine.claims import Claim, deal_of_voucher
+from engine.errors import InvalidVoucher
+from engine.store import Store
+from engine.times import MS_PER_DAY, to_rfc3339
+
+log = logging.getLogger(__name__)
 
 ISSUER = "flashsale"
 TOKEN_TYPE = "vch+jwt"
 ALGORITHM = "ES256"
 
+# How often running processes look at the keys directory (rotation reaches them within it).
+RELOAD_S = 2.0
+# The longest a voucher can live after its claim: 30 days of claim window + 90 of redeeming.
+MAX_VOUCHER_LIFE_MS = (30 + 90) * MS_PER_DAY
+# Slack on a retired key's last signature: processes that have not reloaded yet, and clock
+# skew between the host that rotated and the hosts that sign.
+RETIRE_SLACK_MS = 3_600_000
+# Served tokens are small; anything longer is not one of ours (and is refused unparsed).
+MAX_TOKEN_CHARS = 2048
+
+_KID_RE = re.compile(r"^k(\d{8}T\d{6})-[0-9a-f]{6,32}$")
+_B64URL_RE = re.compile(r"^[A-Za-z0-9_-]*$")
+_ECDSA = ec.ECDSA(hashes.SHA256())
+_REQUIRED_CLAIMS = ("iss", "aud", "sub", "jti", "deal", "iat", "exp")
+
 
 def new_kid() -> str:
     """A key id that sorts by creation time."""
     return time.strftime("k%Y%m%dT%H%M%S", time.gmtime()) + f"-{os.urandom(3).hex()}"
+
+
+def kid_created_ms(kid: str) -> int | None:
+    """The creation time a kid names, or ``None`` if it does not follow the pattern."""
+    match = _KID_RE.match(kid)
+    if not match:
+        return None
+    return calendar.timegm(time.strptime(match.group(1), "%Y%m%dT%H%M%S")) * 1000
 
 
 def rotate_key(keys_dir: Path) -> str:
@@ -41,36 +91,163 @@ def rotate_key(keys_dir: Path) -> str:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(pem)
+        f.flush()
+        os.fsync(f.fileno())
+    # Atomic: a reloading process sees either no file or the whole key.
     tmp.rename(keys_dir / f"{kid}.pem")
     return kid
 
 
+def b64url(data: bytes) -> str:
+    """Unpadded base64url, as JWS uses it."""
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def b64url_decode(text: str) -> bytes:
+    """Strict unpadded base64url: any other character (padding included) is refused."""
+    if not _B64URL_RE.match(text) or len(text) % 4 == 1:
+        raise ValueError("not base64url")
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+@dataclass(frozen=True, slots=True)
+class _Key:
+    kid: str
+    created_ms: int
+    private: ec.EllipticCurvePrivateKey
+    public: ec.EllipticCurvePublicKey
+    jwk: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRing:
+    """One consistent view of the keys directory: who signs, who may still verify.
+
+    Immutable, so a reload swaps it in one assignment and a request never sees half of it.
+    """
+
+    signing: _Key
+    published: dict[str, _Key]
+    jwks_body: bytes
+    etag: str
+    built_ms: int
+    retire_at_ms: dict[str, int] = field(default_factory=dict)
+
+
+def _load_key(path: Path, kid: str) -> _Key:
+    if path.stat().st_mode & 0o077:
+        log.warning("signing key %s is readable by group or others; chmod 600 it", path.name)
+    private = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    if not isinstance(private, ec.EllipticCurvePrivateKey) or private.curve.name != "secp256r1":
+        raise ValueError(f"{path.name} is not a P-256 private key")
+    public = private.public_key()
+    jwk = ECAlgorithm.to_jwk(public, as_dict=True)
+    jwk.update({"kid": kid, "use": "sig", "alg": ALGORITHM})
+    created = kid_created_ms(kid)
+    if created is None:
+        created = int(path.stat().st_mtime * 1000)
+    return _Key(kid, created, private, public, jwk)
+
+
+def build_ring(keys: list[_Key], now_ms: int) -> KeyRing:
+    """Choose the signer (newest) and the keys still published at ``now_ms``."""
+    keys = sorted(keys, key=lambda k: (k.created_ms, k.kid))
+    published: dict[str, _Key] = {}
+    retire_at: dict[str, int] = {}
+    for older, newer in itertools.pairwise(keys):
+        # The last voucher `older` can have signed expires by this time.
+        until = newer.created_ms + RETIRE_SLACK_MS + MAX_VOUCHER_LIFE_MS
+        retire_at[older.kid] = until
+        if now_ms <= until:
+            published[older.kid] = older
+    signing = keys[-1]
+    published[signing.kid] = signing
+    body = orjson.dumps({"keys": [k.jwk for k in published.values()]})
+    etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+    return KeyRing(signing, published, body, etag, now_ms, retire_at)
+
+
+@dataclass(frozen=True, slots=True)
+class VoucherClaims:
+    """A voucher token's verified payload."""
+
+    voucher_id: str
+    deal_id: str
+    user_id: str
+    merchant_id: str
+    issued_at_s: int
+    expires_at_s: int
+    kid: str
+
+
 class VoucherSigner:
-    """Signs vouchers with the newest key in the keys directory."""
+    """Signs vouchers with the newest key and verifies them with every published one."""
 
     def __init__(self, keys_dir: Path) -> None:
         self.keys_dir = keys_dir
-        self._kid = ""
-        self._key: Any = None
+        self._loaded: dict[str, _Key] = {}
+        self._listing: tuple[str, ...] = ()
+        self._header_b64: dict[str, bytes] = {}
+        self.ring: KeyRing
         self.reload()
 
-    def reload(self) -> None:
-        """Pick up the newest key (creating a first one if there is none)."""
-        pems = sorted(self.keys_dir.glob("k*.pem")) if self.keys_dir.exists() else []
-        if not pems:
+    def reload(self, now_ms: int | None = None) -> bool:
+        """Look at the keys directory again (creating a first key if it is empty).
+
+        Returns whether the signing key changed. Cheap when nothing changed: one listing.
+        """
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        names = self._list()
+        if not names:
             rotate_key(self.keys_dir)
-            pems = sorted(self.keys_dir.glob("k*.pem"))
-        newest = pems[-1]
-        if newest.stem != self._kid:
-            self._key = serialization.load_pem_private_key(newest.read_bytes(), password=None)
-            self._kid = newest.stem
+            names = self._list()
+        before = getattr(self, "ring", None)
+        if names == self._listing and before is not None:
+            upcoming = [t for t in before.retire_at_ms.values() if t >= before.built_ms]
+            if not upcoming or min(upcoming) >= now_ms:
+                return False  # same files, and no published key has passed its retirement
+        loaded: dict[str, _Key] = {}
+        for name in names:
+            kid = name[:-4]
+            key = self._loaded.get(kid)
+            if key is None:
+                try:
+                    key = _load_key(self.keys_dir / name, kid)
+                except (OSError, ValueError, TypeError) as exc:
+                    log.error("cannot load signing key %s: %s", name, exc)
+                    continue
+            loaded[kid] = key
+        if not loaded:
+            raise RuntimeError(f"no usable signing key in {self.keys_dir}")
+        self._loaded = loaded
+        self._listing = names
+        self.ring = build_ring(list(loaded.values()), now_ms)
+        changed = before is None or before.signing.kid != self.ring.signing.kid
+        if changed:
+            log.info("vouchers are now signed with key %s", self.ring.signing.kid)
+        return changed
+
+    def _list(self) -> tuple[str, ...]:
+        if not self.keys_dir.exists():
+            return ()
+        return tuple(sorted(p.name for p in self.keys_dir.glob("k*.pem")))
 
     @property
     def kid(self) -> str:
-        return self._kid
+        """The kid that signs now."""
+        return self.ring.signing.kid
+
+    def _header(self, kid: str) -> bytes:
+        h = self._header_b64.get(kid)
+        if h is None:
+            header = {"alg": ALGORITHM, "kid": kid, "typ": TOKEN_TYPE}
+            h = b64url(orjson.dumps(header)).encode()
+            self._header_b64[kid] = h
+        return h
 
     def sign(self, claim: Claim) -> str:
-        """The compact JWS of a voucher."""
+        """The compact JWS of a voucher (built by hand: half the cost of ``jwt.encode``)."""
+        key = self.ring.signing
         payload = {
             "iss": ISSUER,
             "aud": claim.merchant_id,
@@ -80,9 +257,94 @@ class VoucherSigner:
             "iat": claim.claimed_at_ms // 1000,
             "exp": claim.redeem_until_ms // 1000,
         }
-        return jwt.encode(
-            payload, self._key, ALGORITHM, headers={"kid": self._kid, "typ": TOKEN_TYPE}
-        )
+        signing_input = self._header(key.kid) + b"." + b64url(orjson.dumps(payload)).encode()
+        r, s = decode_dss_signature(key.private.sign(signing_input, _ECDSA))
+        sig = b64url(r.to_bytes(32, "big") + s.to_bytes(32, "big"))
+        return signing_input.decode("ascii") + "." + sig
+
+    def verify(self, token: str, now_ms: int | None = None) -> VoucherClaims:
+        """Check a token as a merchant's verifier would, with the published keys.
+
+        Pins ``alg`` ES256 and ``typ`` vch+jwt, requires a published ``kid``, a valid
+        signature, ``iss``, and well-formed claims; checks ``exp`` only if ``now_ms`` is
+        given (redemption judges it by Redis's clock instead). The audience is the
+        caller's business: see :func:`engine.redemptions`. Raises ``InvalidVoucher``.
+        """
+        return verify_token(self.ring, token, now_ms)
+
+
+def _invalid(reason: str) -> InvalidVoucher:
+    return InvalidVoucher(f"This is not a valid voucher: {reason}.", reason=reason)
+
+
+def verify_token(ring: KeyRing, token: object, now_ms: int | None = None) -> VoucherClaims:
+    """See :meth:`VoucherSigner.verify`."""
+    if not isinstance(token, str):
+        raise _invalid("malformed")
+    token = token.strip()  # scanner noise: spaces and newlines around the token
+    if not token or len(token) > MAX_TOKEN_CHARS:
+        raise _invalid("malformed")
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise _invalid("malformed")
+    try:
+        header = orjson.loads(b64url_decode(parts[0]))
+        payload = orjson.loads(b64url_decode(parts[1]))
+        signature = b64url_decode(parts[2])
+    except (ValueError, orjson.JSONDecodeError):
+        raise _invalid("malformed") from None
+    if not isinstance(header, dict) or not isinstance(payload, dict):
+        raise _invalid("malformed")
+    if header.get("alg") != ALGORITHM:
+        raise _invalid("wrong algorithm")
+    if header.get("typ") != TOKEN_TYPE:
+        raise _invalid("wrong token type")
+    kid = header.get("kid")
+    if not isinstance(kid, str) or not kid:
+        raise _invalid("missing key id")
+    if set(header) - {"alg", "kid", "typ"}:
+        # crit, jku, x5u, jwk...: nothing we issue carries them; honouring any is a risk.
+        raise _invalid("unexpected header parameters")
+    key = ring.published.get(kid)
+    if key is None:
+        raise _invalid("unknown key")
+    if len(signature) != 64:
+        raise _invalid("bad signature")
+    r = int.from_bytes(signature[:32], "big")
+    s = int.from_bytes(signature[32:], "big")
+    signing_input = token[: len(parts[0]) + 1 + len(parts[1])].encode("ascii")
+    try:
+        key.public.verify(encode_dss_signature(r, s), signing_input, _ECDSA)
+    except (InvalidSignature, ValueError):
+        raise _invalid("bad signature") from None
+    return _claims(payload, kid, now_ms)
+
+
+def _claims(payload: dict[str, Any], kid: str, now_ms: int | None) -> VoucherClaims:
+    missing = [c for c in _REQUIRED_CLAIMS if c not in payload]
+    if missing:
+        raise _invalid("missing claims " + ", ".join(missing))
+    if payload["iss"] != ISSUER:
+        raise _invalid("wrong issuer")
+    strings = [payload[c] for c in ("aud", "sub", "jti", "deal")]
+    if not all(isinstance(v, str) and 0 < len(v) <= 128 for v in strings):
+        raise _invalid("malformed claims")
+    times = [payload["iat"], payload["exp"]]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in times):
+        raise _invalid("malformed claims")
+    if deal_of_voucher(payload["jti"]) != payload["deal"]:
+        raise _invalid("malformed claims")
+    if now_ms is not None and now_ms >= payload["exp"] * 1000:
+        raise _invalid("expired")
+    return VoucherClaims(
+        voucher_id=payload["jti"],
+        deal_id=payload["deal"],
+        user_id=payload["sub"],
+        merchant_id=payload["aud"],
+        issued_at_s=payload["iat"],
+        expires_at_s=payload["exp"],
+        kid=kid,
+    )
 
 
 def voucher_json(claim: Claim, token: str) -> dict[str, Any]:
@@ -97,3 +359,49 @@ def voucher_json(claim: Claim, token: str) -> dict[str, Any]:
         "token": token,
         "qr_url": f"/v1/vouchers/{claim.voucher_id}/qr.svg",
     }
+
+
+@dataclass(frozen=True, slots=True)
+class HeldVoucher:
+    """A voucher as Redis holds it, with its redemption time if it was redeemed."""
+
+    claim: Claim
+    redeemed_at_ms: int | None
+
+    @property
+    def status(self) -> str:
+        return "issued" if self.redeemed_at_ms is None else "redeemed"
+
+
+async def read_voucher(store: Store, voucher_id: str) -> HeldVoucher | None:
+    """Read a voucher from its deal's partition; ``None`` if there is no such voucher."""
+    deal_id = deal_of_voucher(voucher_id)
+    if deal_id is None:
+        return None
+    k = store.keys.for_deal(deal_id)
+    async with store.guard():
+        pipe = store.client.pipeline(transaction=False)
+        pipe.hget(k.vouchers, voucher_id)
+        pipe.hmget(k.deal, "merchant", "redeem")
+        pipe.hget(k.redemptions, voucher_id)
+        user, (merchant, redeem), redeemed = await pipe.execute()
+        if user is None or merchant is None:
+            return None
+        held = await store.client.hget(k.claimers, user)
+    if held is None:
+        return None
+    vid, seq, claimed_at = held.split("|")
+    if vid != voucher_id:
+        return None
+    claim = Claim(
+        outcome="already",
+        voucher_id=voucher_id,
+        deal_id=deal_id,
+        user_id=user,
+        merchant_id=merchant,
+        seq=int(seq),
+        claimed_at_ms=int(claimed_at),
+        redeem_until_ms=int(redeem),
+        inventory_left=0,
+    )
+    return HeldVoucher(claim, int(redeemed.split("|", 1)[0]) if redeemed else None)

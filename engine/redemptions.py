@@ -1,0 +1,312 @@
+"""Redemptions: online at the till, or offline logs synced later.
+
+Every decision is one Lua call (``redeem_voucher``) in the voucher's partition, keyed on
+the voucher id (``jti``), never on the token string: an ECDSA signature has more than one
+valid encoding, so two different strings can carry one voucher. First accepted wins; a
+later redemption by another entry is a conflict, logged for review.
+
+Sync uploads are idempotent per ``(merchant, entry_id)``: a per-merchant hash keeps each
+entry's first result. The order is check, redeem, record; a crash between redeem and
+record is healed because the script answers a voucher already redeemed by the same entry
+with that same ``accepted`` result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from engine.errors import (
+    AlreadyRedeemed,
+    BacklogFull,
+    InvalidVoucher,
+    NotYourVoucher,
+)
+from engine.keys import sync_entries_key
+from engine.store import Store
+from engine.times import parse_rfc3339, to_rfc3339
+from engine.vouchers import VoucherClaims, VoucherSigner
+
+MAX_SYNC_ENTRIES = 1000
+# A device clock may run this far ahead of Redis's before its times are implausible.
+CLOCK_SKEW_MS = 5 * 60_000
+# A merchant's entry results are kept this long after its last upload: longer than any
+# voucher lives (120 days), so a re-sent entry is always recognised while it matters.
+SYNC_ENTRIES_TTL_S = 180 * 86_400
+# Verify this many tokens, then let other requests run (a token costs ~0.1 ms of CPU).
+_VERIFY_SLICE = 64
+
+ACCEPTED, DUPLICATE, CONFLICT, REJECTED = "accepted", "duplicate", "conflict", "rejected"
+STATUSES = (ACCEPTED, DUPLICATE, CONFLICT, REJECTED)
+
+
+@dataclass(frozen=True, slots=True)
+class Redemption:
+    """An accepted online redemption."""
+
+    voucher_id: str
+    redeemed_at_ms: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "voucher_id": self.voucher_id,
+            "redeemed_at": to_rfc3339(self.redeemed_at_ms),
+            "status": "redeemed",
+        }
+
+
+async def _run(
+    store: Store,
+    claims: VoucherClaims,
+    merchant_id: str,
+    device_id: str,
+    entry_id: str,
+    at_ms: int | None,
+) -> tuple[str, int, int]:
+    k = store.keys.for_deal(claims.deal_id)
+    outcome, at, first_at = await store.run(
+        "redeem_voucher",
+        (k.redemptions, k.vouchers, k.claimers, k.events),
+        (
+            claims.voucher_id,
+            claims.deal_id,
+            claims.user_id,
+            merchant_id,
+            device_id,
+            entry_id,
+            "" if at_ms is None else at_ms,
+            claims.expires_at_s * 1000,
+            CLOCK_SKEW_MS,
+            store.settings.stream_cap,
+        ),
+    )
+    if outcome == "backlog_full":
+        raise BacklogFull()
+    return str(outcome), int(at), int(first_at)
+
+
+async def redeem(
+    store: Store, signer: VoucherSigner, token: object, merchant_id: str
+) -> Redemption:
+    """Redeem a voucher now, at ``merchant_id``'s till.
+
+    Raises ``InvalidVoucher`` (422), ``NotYourVoucher`` (403), ``AlreadyRedeemed`` (409),
+    or ``Unavailable`` (503).
+    """
+    claims = signer.verify(token)  # type: ignore[arg-type]
+    if claims.merchant_id != merchant_id:
+        raise NotYourVoucher()
+    outcome, at, first_at = await _run(store, claims, merchant_id, "", "", None)
+    if outcome == ACCEPTED:
+        return Redemption(claims.voucher_id, at)
+    if outcome == "already":
+        raise AlreadyRedeemed(redeemed_at=to_rfc3339(first_at), voucher_id=claims.voucher_id)
+    if outcome == "expired":
+        raise InvalidVoucher("This voucher has expired.", reason="expired")
+    if outcome == "unknown":
+        raise InvalidVoucher("No such voucher was issued.", reason="unknown voucher")
+    # 'implausible' online means Redis's clock is behind the claim (a failover): not yet.
+    raise InvalidVoucher("This voucher is not valid yet.", reason="not yet valid")
+
+
+# -- sync ---------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Entry:
+    index: int
+    entry_id: str | None
+    token: object
+    redeemed_at: object
+    result: dict[str, Any] | None = None
+    claims: VoucherClaims | None = None
+    at_ms: int = 0
+
+
+def _result(
+    entry_id: str | None,
+    status: str,
+    code: str | None = None,
+    first_ms: int | None = None,
+    message: str | None = None,
+) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "entry_id": entry_id,
+        "status": status,
+        "code": code,
+        "first_redeemed_at": to_rfc3339(first_ms) if first_ms else None,
+    }
+    if message:
+        out["message"] = message
+    return out
+
+
+def _rejected(entry_id: str | None, code: str, message: str) -> dict[str, Any]:
+    return _result(entry_id, REJECTED, code, message=message)
+
+
+def _pack(result: dict[str, Any], first_ms: int | None) -> bytes:
+    return orjson.dumps({"s": result["status"], "c": result["code"], "f": first_ms or 0})
+
+
+def _duplicate(entry_id: str, packed: str | bytes) -> dict[str, Any]:
+    first = orjson.loads(packed)
+    out = _result(entry_id, DUPLICATE, None, int(first.get("f") or 0) or None)
+    out["first_status"] = first.get("s")
+    out["first_code"] = first.get("c")
+    return out
+
+
+def _parse(raw: object, index: int, valid_id: Any) -> _Entry:
+    if not isinstance(raw, dict):
+        entry = _Entry(index, None, None, None)
+        entry.result = _rejected(None, "missing_entry_id", "An entry must be a JSON object.")
+        return entry
+    entry_id = raw.get("entry_id")
+    entry = _Entry(index, None, raw.get("token"), raw.get("redeemed_at"))
+    if not isinstance(entry_id, str) or not valid_id(entry_id):
+        shown = entry_id if isinstance(entry_id, str) and len(entry_id) <= 64 else None
+        entry.result = _rejected(
+            shown, "missing_entry_id", "entry_id must be 1..64 URL-safe characters."
+        )
+        return entry
+    entry.entry_id = entry_id
+    return entry
+
+
+def _check(entry: _Entry, signer: VoucherSigner, merchant_id: str) -> None:
+    """Verify the token and the device time; set ``entry.result`` if it is rejected."""
+    try:
+        entry.claims = signer.verify(entry.token)  # type: ignore[arg-type]
+    except InvalidVoucher as exc:
+        entry.result = _rejected(entry.entry_id, "invalid_voucher", exc.message)
+        return
+    if entry.claims.merchant_id != merchant_id:
+        entry.result = _rejected(
+            entry.entry_id, "not_your_voucher", "This voucher belongs to another merchant."
+        )
+        return
+    try:
+        if not isinstance(entry.redeemed_at, str):
+            raise ValueError
+        entry.at_ms = parse_rfc3339(entry.redeemed_at)
+    except (ValueError, OverflowError):
+        entry.result = _rejected(
+            entry.entry_id, "implausible_time", "redeemed_at must be an RFC 3339 time."
+        )
+
+
+async def _redeem_in_order(
+    store: Store, entries: list[_Entry], merchant_id: str, device_id: str
+) -> None:
+    """Redeem one voucher's entries in the order sent: the earlier one is first."""
+    for entry in entries:
+        assert entry.claims is not None and entry.entry_id is not None
+        outcome, _at, first_at = await _run(
+            store, entry.claims, merchant_id, device_id, entry.entry_id, entry.at_ms
+        )
+        if outcome == ACCEPTED:
+            entry.result = _result(entry.entry_id, ACCEPTED, None, first_at)
+        elif outcome == CONFLICT:
+            entry.result = _result(entry.entry_id, CONFLICT, None, first_at)
+        elif outcome == "expired":
+            entry.result = _rejected(
+                entry.entry_id, "expired", "The voucher was redeemed after it expired."
+            )
+        elif outcome == "implausible":
+            entry.result = _rejected(
+                entry.entry_id,
+                "implausible_time",
+                "redeemed_at is in the future or before the voucher was claimed.",
+            )
+        else:  # 'unknown' ('already' is online only)
+            entry.result = _rejected(
+                entry.entry_id, "invalid_voucher", "No such voucher was issued."
+            )
+
+
+async def sync(
+    store: Store,
+    signer: VoucherSigner,
+    merchant_id: str,
+    device_id: str,
+    raw_entries: Sequence[object],
+    valid_id: Any,
+) -> list[dict[str, Any]]:
+    """Apply an offline log; one result per entry, in the order sent.
+
+    ``valid_id`` tells a usable entry id (the API's identifier rule). A bad entry is
+    rejected on its own; only Redis being unreachable fails the upload (503), and a
+    retried upload then gets the same answers.
+    """
+    if len(raw_entries) > MAX_SYNC_ENTRIES:
+        raise ValueError(f"at most {MAX_SYNC_ENTRIES} entries")
+    entries = [_parse(raw, i, valid_id) for i, raw in enumerate(raw_entries)]
+    key = sync_entries_key(merchant_id)
+
+    # 1. Entries this merchant sent before: the first result stands.
+    ids = list(dict.fromkeys(e.entry_id for e in entries if e.entry_id is not None))
+    known: dict[str, Any] = {}
+    if ids:
+        async with store.guard():
+            values = await store.client.hmget(key, ids)
+        known = {i: v for i, v in zip(ids, values, strict=True) if v is not None}
+    first_in_batch: dict[str, _Entry] = {}
+    later_in_batch: list[_Entry] = []
+    for entry in entries:
+        if entry.result is not None or entry.entry_id is None:
+            continue
+        if entry.entry_id in known:
+            entry.result = _duplicate(entry.entry_id, known[entry.entry_id])
+        elif entry.entry_id in first_in_batch:
+            later_in_batch.append(entry)
+        else:
+            first_in_batch[entry.entry_id] = entry
+
+    # 2. Verify tokens and device times (CPU), a slice at a time.
+    fresh = list(first_in_batch.values())
+    for n, entry in enumerate(fresh, 1):
+        _check(entry, signer, merchant_id)
+        if n % _VERIFY_SLICE == 0:
+            await asyncio.sleep(0)
+
+    # 3. Redeem: vouchers in parallel (one pipeline), each voucher's entries in order.
+    by_voucher: dict[str, list[_Entry]] = {}
+    for entry in fresh:
+        if entry.result is None and entry.claims is not None:
+            by_voucher.setdefault(entry.claims.voucher_id, []).append(entry)
+    if by_voucher:
+        async with asyncio.TaskGroup() as tg:
+            for group in by_voucher.values():
+                tg.create_task(_redeem_in_order(store, group, merchant_id, device_id))
+
+    # 4. Record first results (HSETNX: a concurrent upload of the same entry may have won).
+    if fresh:
+        async with store.guard():
+            pipe = store.client.pipeline(transaction=False)
+            for entry in fresh:
+                assert entry.result is not None and entry.entry_id is not None
+                first_ms = _first_ms(entry.result)
+                pipe.hsetnx(key, entry.entry_id, _pack(entry.result, first_ms))
+            pipe.expire(key, SYNC_ENTRIES_TTL_S)
+            await pipe.execute()
+    for entry in later_in_batch:
+        assert entry.entry_id is not None
+        first = first_in_batch[entry.entry_id].result
+        assert first is not None
+        entry.result = _duplicate(entry.entry_id, _pack(first, _first_ms(first)))
+
+    out = []
+    for entry in entries:
+        assert entry.result is not None
+        out.append(entry.result)
+    return out
+
+
+def _first_ms(result: dict[str, Any]) -> int | None:
+    first = result.get("first_redeemed_at")
+    return parse_rfc3339(first) if first else None

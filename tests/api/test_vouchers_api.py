@@ -1,0 +1,322 @@
+"""Vouchers over HTTP: tokens, JWKS, reading, QR codes, online redemption and sync."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+import redis
+
+from engine.keys import KeySpace
+from engine.vouchers import rotate_key
+from tests.api.conftest import RunningApi
+from tests.vouchers.forge import forgeries, high_s, parts, public_pem, resign
+from tests.vouchers.helpers import auth, claim, create_deal, server_key, verify_with_jwks
+
+
+def _iso(dt: datetime) -> str:
+    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def _now(delta_s: float = 0) -> str:
+    return _iso(datetime.now(UTC) + timedelta(seconds=delta_s))
+
+
+@pytest.fixture
+def voucher(api: RunningApi, client: httpx.Client) -> dict[str, Any]:
+    deal = create_deal(client, api.token("merchant", "m-1"))
+    return claim(client, deal["id"], api.token("user", "u-1"))
+
+
+def _redeem(client: httpx.Client, api: RunningApi, token: str, merchant: str = "m-1") -> Any:
+    return client.post(
+        "/v1/redemptions", json={"token": token}, headers=api.auth("merchant", merchant)
+    )
+
+
+def test_voucher_token_is_es256_with_kid_typ_and_the_documented_claims(
+    api: RunningApi, client: httpx.Client, voucher: dict[str, Any]
+) -> None:
+    header, payload, sig = parts(voucher["token"])
+    assert header["alg"] == "ES256" and header["typ"] == "vch+jwt" and header["kid"]
+    assert len(sig) == 64
+    claims = verify_with_jwks(client, voucher["token"], "m-1")
+    assert claims["iss"] == "flashsale" and claims["aud"] == "m-1" and claims["sub"] == "u-1"
+    assert claims["jti"] == voucher["id"] and claims["deal"] == voucher["deal_id"]
+    assert claims["exp"] == int(
+        datetime.fromisoformat(voucher["expires_at"].replace("Z", "+00:00")).timestamp()
+    )
+
+
+def test_jwks_is_public_cacheable_and_holds_no_private_key(client: httpx.Client) -> None:
+    r = client.get("/.well-known/jwks.json")
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    assert "max-age=" in r.headers["cache-control"] and r.headers["etag"]
+    keys = r.json()["keys"]
+    assert keys and all(k["kty"] == "EC" and k["crv"] == "P-256" for k in keys)
+    assert all("d" not in k for k in keys)
+    again = client.get("/.well-known/jwks.json", headers={"If-None-Match": r.headers["etag"]})
+    assert again.status_code == 304 and again.content == b""
+
+
+def test_get_voucher_for_holder_and_merchant_only(
+    api: RunningApi, client: httpx.Client, voucher: dict[str, Any]
+) -> None:
+    url = f"/v1/vouchers/{voucher['id']}"
+    mine = client.get(url, headers=api.auth("user", "u-1"))
+    assert mine.status_code == 200, mine.text
+    body = mine.json()
+    assert body["status"] == "issued" and body["voucher"]["id"] == voucher["id"]
+    assert body["voucher"]["claimed_at"] == voucher["claimed_at"]
+    # A fresh signature over the same claims: the same voucher.
+    assert verify_with_jwks(client, body["voucher"]["token"], "m-1")["jti"] == voucher["id"]
+    assert client.get(url, headers=api.auth("merchant", "m-1")).status_code == 200
+    for who in (api.auth("user", "u-2"), api.auth("merchant", "m-2")):
+        r = client.get(url, headers=who)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "voucher_not_found"
+    for bad in ("vdeadbeefdeadbeef.d_nope", "nonsense", "v" + "x" * 80):
+        r = client.get(f"/v1/vouchers/{bad}", headers=api.auth("user", "u-1"))
+        assert r.status_code == 404 and r.json()["error"]["code"] == "voucher_not_found"
+    assert client.get(url).status_code == 401
+    assert _redeem(client, api, voucher["token"]).status_code == 200
+    assert client.get(url, headers=api.auth("user", "u-1")).json()["status"] == "redeemed"
+
+
+def test_forged_tokens_are_refused_online(
+    api: RunningApi, client: httpx.Client, voucher: dict[str, Any]
+) -> None:
+    key = server_key(api.settings.signing_keys_dir)
+    table = forgeries(voucher["token"], public_pem(key), key, api.token("merchant", "m-1"))
+    for name, forge in table.items():
+        r = _redeem(client, api, forge())
+        assert r.status_code == 422, (name, r.text)
+        assert r.json()["error"]["code"] == "invalid_voucher", (name, r.text)
+    # None of them redeemed it: the real token still does, with scanner noise around it.
+    r = _redeem(client, api, f"  {voucher['token']}\n")
+    assert r.status_code == 200, r.text
+    assert r.json()["redemption"]["voucher_id"] == voucher["id"]
+    assert r.json()["redemption"]["status"] == "redeemed"
+
+
+def test_wrong_audience_and_expired_are_refused_online(
+    api: RunningApi, client: httpx.Client, voucher: dict[str, Any]
+) -> None:
+    r = _redeem(client, api, voucher["token"], merchant="m-2")
+    assert r.status_code == 403 and r.json()["error"]["code"] == "not_your_voucher"
+    key = server_key(api.settings.signing_keys_dir)
+    expired = resign(voucher["token"], key, exp=int(time.time()) - 60)
+    r = _redeem(client, api, expired)
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_voucher"
+    assert r.json()["error"]["details"]["reason"] == "expired"
+    # A validly signed voucher that was never issued is not redeemable either.
+    ghost = resign(voucher["token"], key, sub="u-ghost")
+    assert _redeem(client, api, ghost).json()["error"]["code"] == "invalid_voucher"
+
+
+def test_reencoded_signature_is_the_same_voucher(
+    api: RunningApi, client: httpx.Client, voucher: dict[str, Any]
+) -> None:
+    twin = high_s(voucher["token"])
+    assert twin != voucher["token"]
+    assert verify_with_jwks(client, twin, "m-1")["jti"] == voucher["id"]  # still valid
+    first = _redeem(client, api, voucher["token"])
+    assert first.status_code == 200
+    r = _redeem(client, api, twin)
+    assert r.status_code == 409 and r.json()["error"]["code"] == "already_redeemed"
+    assert r.json()["error"]["details"]["redeemed_at"] == first.json()["redemption"]["redeemed_at"]
+
+
+def _sync(client: httpx.Client, api: RunningApi, device: str, entries: list[Any]) -> Any:
+    r = client.post(
+        "/v1/redemptions/sync",
+        json={"device_id": device, "entries": entries},
+        headers=api.auth("merchant", "m-1"),
+    )
+    assert r.status_code == 200, r.text
+    return r.json()["results"]
+
+
+def test_sync_batch_with_every_status_is_idempotent(api: RunningApi, client: httpx.Client) -> None:
+    m1 = api.token("merchant", "m-1")
+    deal = create_deal(client, m1)
+    other = create_deal(client, api.token("merchant", "m-2"))
+    v = [claim(client, deal["id"], api.token("user", f"u-{i}")) for i in range(5)]
+    foreign = claim(client, other["id"], api.token("user", "u-0"))
+    key = server_key(api.settings.signing_keys_dir)
+    expired = resign(v[3]["token"], key, exp=int(time.time()) - 30)
+    assert (
+        _sync(
+            client,
+            api,
+            "till-1",
+            [{"entry_id": "e0", "token": v[0]["token"], "redeemed_at": _now()}],
+        )[0]["status"]
+        == "accepted"
+    )
+    entries: list[Any] = [
+        {"entry_id": "e0", "token": v[0]["token"], "redeemed_at": _now()},  # sent before
+        {"entry_id": "e1", "token": v[1]["token"], "redeemed_at": _now()},
+        {"entry_id": "e2", "token": high_s(v[0]["token"]), "redeemed_at": _now()},
+        {"token": v[2]["token"], "redeemed_at": _now()},
+        {"entry_id": "e4", "token": v[2]["token"][:-3], "redeemed_at": _now()},
+        {"entry_id": "e5", "token": foreign["token"], "redeemed_at": _now()},
+        {"entry_id": "e6", "token": expired, "redeemed_at": _now()},
+        {"entry_id": "e7", "token": v[4]["token"], "redeemed_at": _now(3600)},
+        {"entry_id": "e8", "token": v[4]["token"], "redeemed_at": "2020-01-01T00:00:00Z"},
+        {"entry_id": "e9", "token": v[2]["token"], "redeemed_at": "yesterday"},
+        "not an object",
+        {"entry_id": "e1", "token": v[1]["token"], "redeemed_at": _now()},  # twice in batch
+    ]
+    results = _sync(client, api, "till-2", entries)
+    got = [(r["status"], r["code"]) for r in results]
+    assert got == [
+        ("duplicate", None),
+        ("accepted", None),
+        ("conflict", None),
+        ("rejected", "missing_entry_id"),
+        ("rejected", "invalid_voucher"),
+        ("rejected", "not_your_voucher"),
+        ("rejected", "expired"),
+        ("rejected", "implausible_time"),
+        ("rejected", "implausible_time"),
+        ("rejected", "implausible_time"),
+        ("rejected", "missing_entry_id"),
+        ("duplicate", None),
+    ]
+    assert [r["entry_id"] for r in results][:3] == ["e0", "e1", "e2"]
+    assert results[0]["first_status"] == "accepted"
+    assert results[2]["first_redeemed_at"] == results[0]["first_redeemed_at"]
+    # Re-sent as a whole: every entry with an id is a duplicate, with its first result.
+    again = _sync(client, api, "till-2", entries)
+    for first, second in zip(results, again, strict=True):
+        if first["entry_id"] is None:
+            assert second["status"] == "rejected"
+        elif first["status"] != "duplicate":
+            assert second["status"] == "duplicate", (first, second)
+            assert (second["first_status"], second["first_code"]) == (
+                first["status"], first["code"],
+            )  # fmt: skip
+    # The online view agrees: v1 redeemed, v2 (only refused entries) still issued.
+    mine = client.get(f"/v1/vouchers/{v[1]['id']}", headers=auth(m1)).json()
+    assert mine["status"] == "redeemed"
+    assert client.get(f"/v1/vouchers/{v[2]['id']}", headers=auth(m1)).json()["status"] == "issued"
+
+
+def test_one_voucher_on_two_offline_tills_is_one_accepted_and_one_conflict(
+    api: RunningApi, client: httpx.Client, voucher: dict[str, Any]
+) -> None:
+    results: dict[str, Any] = {}
+
+    def upload(device: str) -> None:
+        with httpx.Client(base_url=api.url, timeout=10) as c:
+            results[device] = _sync(c, api, device, [
+                {"entry_id": f"{device}-1", "token": voucher["token"], "redeemed_at": _now()}
+            ])[0]  # fmt: skip
+
+    threads = [threading.Thread(target=upload, args=(d,)) for d in ("till-a", "till-b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    statuses = sorted(r["status"] for r in results.values())
+    assert statuses == ["accepted", "conflict"]
+    first = [r for r in results.values() if r["status"] == "accepted"][0]
+    conflict = [r for r in results.values() if r["status"] == "conflict"][0]
+    assert conflict["first_redeemed_at"] == first["first_redeemed_at"]
+    # The persister gets both: one redeem and one redeem_conflict event in the partition.
+    r = redis.Redis.from_url(api.settings.redis_url or "", decode_responses=True)
+    try:
+        k = KeySpace(api.settings.partitions).for_deal(voucher["deal_id"])
+        events = [f for _id, f in r.xrange(k.events) if f["type"].startswith("redeem")]
+    finally:
+        r.close()
+    assert sorted(e["type"] for e in events) == ["redeem", "redeem_conflict"]
+    conflict_event = [e for e in events if e["type"] == "redeem_conflict"][0]
+    assert conflict_event["voucher"] == voucher["id"] and conflict_event["merchant"] == "m-1"
+    assert set(conflict_event) == {
+        "type", "deal", "voucher", "merchant", "at", "device", "entry", "first_at"
+    }  # fmt: skip
+    # Online, the voucher is now taken.
+    assert _redeem(client, api, voucher["token"]).status_code == 409
+
+
+def test_sync_takes_1000_entries_and_refuses_1001(
+    api: RunningApi, client: httpx.Client, voucher: dict[str, Any]
+) -> None:
+    entry = {"token": voucher["token"], "redeemed_at": _now()}
+    many = [{**entry, "entry_id": f"e{i}"} for i in range(1001)]
+    r = client.post("/v1/redemptions/sync", json={"device_id": "t", "entries": many},
+                    headers=api.auth("merchant", "m-1"))  # fmt: skip
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request"
+    assert "entries" in r.json()["error"]["details"]["fields"]
+    results = _sync(client, api, "t", many[:1000])  # over 64 KiB: the sync route allows it
+    assert [x["status"] for x in results] == ["accepted"] + ["conflict"] * 999
+    bad = client.post("/v1/redemptions/sync", json={"device_id": "a b", "entries": []},
+                      headers=api.auth("merchant", "m-1"))  # fmt: skip
+    assert bad.status_code == 422
+    assert client.post("/v1/redemptions/sync", json={"device_id": "t", "entries": []},
+                       headers=api.auth("user", "u-1")).status_code == 403  # fmt: skip
+
+
+def test_rotation_reaches_the_running_api_and_old_vouchers_keep_working(
+    api: RunningApi, client: httpx.Client, voucher: dict[str, Any]
+) -> None:
+    old_kid = jwt.get_unverified_header(voucher["token"])["kid"]
+    new_kid = rotate_key(api.settings.signing_keys_dir)
+    deadline = time.monotonic() + 10
+    n = 0
+    while True:
+        n += 1
+        after = claim(client, voucher["deal_id"], api.token("user", f"after-{n}"))
+        if jwt.get_unverified_header(after["token"])["kid"] == new_kid:
+            break
+        assert time.monotonic() < deadline, "the API did not sign with the new key in 10 s"
+        time.sleep(0.5)
+    kids = {k["kid"] for k in client.get("/.well-known/jwks.json").json()["keys"]}
+    assert {old_kid, new_kid} <= kids
+    for v in (voucher, after):
+        assert verify_with_jwks(client, v["token"], "m-1")["jti"] == v["id"]
+        assert _redeem(client, api, v["token"]).status_code == 200
+
+
+def test_png_qr_code_decodes_to_the_voucher(
+    api: RunningApi, client: httpx.Client, voucher: dict[str, Any], tmp_path: Any
+) -> None:
+    url = f"/v1/vouchers/{voucher['id']}/qr"
+    svg = client.get(url + ".svg", headers=api.auth("user", "u-1"))
+    assert svg.status_code == 200 and svg.headers["content-type"].startswith("image/svg+xml")
+    assert b"<svg" in svg.content
+    assert client.get(url + ".png", headers=api.auth("merchant", "m-1")).status_code == 404
+    png = client.get(url + ".png", headers=api.auth("user", "u-1"))
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    decoded = decode_qr(png.content, tmp_path)
+    assert verify_with_jwks(client, decoded, "m-1")["jti"] == voucher["id"]
+    # What the till scans redeems the voucher.
+    assert _redeem(client, api, decoded).status_code == 200
+
+
+def decode_qr(png: bytes, tmp_path: Any) -> str:
+    """Decode with zbar: the zbarimg tool, or pyzbar over Debian's libzbar0."""
+    zbarimg = shutil.which("zbarimg")
+    if zbarimg:
+        path = tmp_path / "qr.png"
+        path.write_bytes(png)
+        out = subprocess.run([zbarimg, "--quiet", "--raw", str(path)],
+                             capture_output=True, check=True, timeout=30)  # fmt: skip
+        return out.stdout.decode().strip()
+    try:
+        import io
+
+        from PIL import Image
+        from pyzbar.pyzbar import decode  # type: ignore[import-not-found]
+    except ImportError:
+        pytest.fail("no QR decoder: apt-get install zbar-tools (or libzbar0 + pip pyzbar)")
+    (symbol,) = decode(Image.open(io.BytesIO(png)))
+    return str(symbol.data.decode())

@@ -1,0 +1,202 @@
+"""``flashsale verifier``: the merchant's till, online now and then, offline in between.
+
+Exit codes:
+  pull-keys  0 keys cached; 1 the server answered with something unusable; 3 unreachable
+  check      0 accepted; 1 rejected (the reason is printed); 2 usage error or no cached keys
+  sync       0 the server answered the upload; 1 it refused it (e.g. the token);
+             3 unreachable
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import urllib.error
+import urllib.request
+from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from verifier.state import State, default_dir
+from verifier.verify import Rejected, load_jwks, verify
+
+EXIT_OK, EXIT_REJECTED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+SYNC_BATCH = 1000  # the server takes at most 1000 entries per upload
+HTTP_TIMEOUT_S = 30.0
+STATUSES = ("accepted", "duplicate", "conflict", "rejected")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="flashsale verifier",
+        description="Verify vouchers offline with cached keys; sync the log when online.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    state_help = f"state directory (default {default_dir()})"
+
+    pull = sub.add_parser("pull-keys", help="download and cache the server's JWKS")
+    pull.add_argument("--server", required=True, help="e.g. https://api.example.com")
+    pull.add_argument("--state", type=Path, default=None, help=state_help)
+
+    check = sub.add_parser("check", help="verify a scanned token offline and log it")
+    check.add_argument("token")
+    check.add_argument("--merchant", required=True, help="this till's merchant id")
+    check.add_argument("--state", type=Path, default=None, help=state_help)
+
+    sync = sub.add_parser("sync", help="upload the redemptions not yet synced")
+    sync.add_argument("--server", required=True)
+    sync.add_argument("--token", required=True, help="the merchant's API token")
+    sync.add_argument("--state", type=Path, default=None, help=state_help)
+    return p
+
+
+def main(argv: list[str]) -> int:
+    """Run one verifier command; returns the exit code."""
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # -h, or a usage error
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    state = State(args.state or default_dir())
+    try:
+        if args.command == "pull-keys":
+            return pull_keys(state, args.server)
+        if args.command == "check":
+            return check(state, args.token, args.merchant)
+        return sync(state, args.server, args.token)
+    finally:
+        state.close()
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def _url(server: str, path: str) -> str:
+    return server.rstrip("/") + path
+
+
+def _request(req: urllib.request.Request) -> tuple[int, bytes]:
+    """Send; return (status, body) for any HTTP answer. ``OSError`` if unreachable."""
+    try:
+        with urllib.request.urlopen(req, timeout=HTTP_TIMEOUT_S) as resp:
+            return int(resp.status), resp.read()
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), exc.read()
+
+
+def pull_keys(state: State, server: str) -> int:
+    req = urllib.request.Request(
+        _url(server, "/.well-known/jwks.json"), headers={"Accept": "application/json"}
+    )
+    try:
+        status, body = _request(req)
+    except (OSError, ValueError) as exc:
+        print(f"cannot reach {server}: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    if status != 200:
+        print(f"the server answered {status}; keys not updated", file=sys.stderr)
+        return EXIT_REJECTED
+    try:
+        document = json.loads(body)
+        keys = load_jwks(document)
+    except ValueError as exc:
+        print(f"the server's JWKS is unusable ({exc}); keys not updated", file=sys.stderr)
+        return EXIT_REJECTED
+    state.save_jwks(document)
+    print(f"cached {len(keys)} key(s): {', '.join(sorted(keys))}")
+    return EXIT_OK
+
+
+def check(state: State, token: str, merchant_id: str) -> int:
+    document = state.load_jwks()
+    if document is None:
+        print("no cached keys: run `flashsale verifier pull-keys --server URL` first")
+        return EXIT_USAGE
+    try:
+        keys = load_jwks(document)
+    except ValueError:
+        print("the cached keys are unusable: run pull-keys again")
+        return EXIT_USAGE
+    try:
+        voucher = verify(token, keys, merchant_id)
+    except Rejected as exc:
+        print(f"rejected: {exc.reason}")
+        return EXIT_REJECTED
+    entry_id = state.record(voucher.voucher_id, merchant_id, token.strip(), _now())
+    if entry_id is None:
+        at = state.redeemed_at(voucher.voucher_id, merchant_id)
+        print(f"rejected: already redeemed here at {at}")
+        return EXIT_REJECTED
+    print(f"accepted {voucher.voucher_id}")
+    return EXIT_OK
+
+
+def _upload(server: str, token: str, body: dict[str, Any]) -> tuple[int, bytes]:
+    req = urllib.request.Request(
+        _url(server, "/v1/redemptions/sync"),
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
+    )
+    return _request(req)
+
+
+def sync(state: State, server: str, token: str) -> int:
+    device = state.device_id()
+    counts: Counter[str] = Counter()
+    while True:
+        batch = state.unsynced(SYNC_BATCH)
+        if not batch:
+            break
+        body = {
+            "device_id": device,
+            "entries": [{"entry_id": e, "token": t, "redeemed_at": at} for e, t, at in batch],
+        }
+        try:
+            status, raw = _upload(server, token, body)
+        except (OSError, ValueError) as exc:
+            print(f"cannot reach {server}: {exc}", file=sys.stderr)
+            return EXIT_UNREACHABLE
+        if status != 200:
+            print(f"the server refused the upload ({status}): {_message(raw)}", file=sys.stderr)
+            return EXIT_REJECTED
+        try:
+            results = json.loads(raw)["results"]
+            answered = [
+                (str(r["entry_id"]), str(r["status"]), r.get("code") or r.get("first_status"))
+                for r in results
+            ]
+        except (ValueError, KeyError, TypeError):
+            print("the server's answer is not understood; nothing marked", file=sys.stderr)
+            return EXIT_REJECTED
+        sent = {e for e, _t, _a in batch}
+        answered = [a for a in answered if a[0] in sent]
+        state.mark_synced(answered, _now())
+        counts.update(status for _e, status, _c in answered)
+        if len(answered) < len(batch):
+            print("the server did not answer every entry; run sync again", file=sys.stderr)
+            break
+    for name in STATUSES:
+        print(f"{name}: {counts.get(name, 0)}")
+    return EXIT_OK
+
+
+def _message(raw: bytes) -> str:
+    try:
+        return str(json.loads(raw)["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return raw[:200].decode("utf-8", "replace")
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
