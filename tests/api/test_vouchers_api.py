@@ -44,7 +44,7 @@ def _redeem(client: httpx.Client, api: RunningApi, token: str, merchant: str = "
 def test_voucher_token_is_es256_with_kid_typ_and_the_documented_claims(
     api: RunningApi, client: httpx.Client, voucher: dict[str, Any]
 ) -> None:
-    header, payload, sig = parts(voucher["token"])
+    header, _payload, sig = parts(voucher["token"])
     assert header["alg"] == "ES256" and header["typ"] == "vch+jwt" and header["kid"]
     assert len(sig) == 64
     claims = verify_with_jwks(client, voucher["token"], "m-1")
@@ -227,8 +227,8 @@ def test_one_voucher_on_two_offline_tills_is_one_accepted_and_one_conflict(
         t.join(10)
     statuses = sorted(r["status"] for r in results.values())
     assert statuses == ["accepted", "conflict"]
-    first = [r for r in results.values() if r["status"] == "accepted"][0]
-    conflict = [r for r in results.values() if r["status"] == "conflict"][0]
+    first = next(r for r in results.values() if r["status"] == "accepted")
+    conflict = next(r for r in results.values() if r["status"] == "conflict")
     assert conflict["first_redeemed_at"] == first["first_redeemed_at"]
     # The persister gets both: one redeem and one redeem_conflict event in the partition.
     r = redis.Redis.from_url(api.settings.redis_url or "", decode_responses=True)
@@ -238,7 +238,7 @@ def test_one_voucher_on_two_offline_tills_is_one_accepted_and_one_conflict(
     finally:
         r.close()
     assert sorted(e["type"] for e in events) == ["redeem", "redeem_conflict"]
-    conflict_event = [e for e in events if e["type"] == "redeem_conflict"][0]
+    conflict_event = next(e for e in events if e["type"] == "redeem_conflict")
     assert conflict_event["voucher"] == voucher["id"] and conflict_event["merchant"] == "m-1"
     assert set(conflict_event) == {
         "type", "deal", "voucher", "merchant", "at", "device", "entry", "first_at"
