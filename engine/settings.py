@@ -67,6 +67,22 @@ class Settings:
     discovery_cache_s: float = 30.0
     discovery_cell_deg: float = 0.01
     token_cache_size: int = 100_000
+    # The persister (persister/worker.py). A consumer name must be unique and stable
+    # across restarts (e.g. the pod name); unset, a free slot ``<host>-<n>`` is leased.
+    persister_name: str | None = None
+    persister_batch: int = 2000  # entries read per stream per round
+    persister_block_ms: int = 200  # XREADGROUP BLOCK; below redis_timeout_s
+    persister_claim_idle_s: float = 30.0  # reclaim others' entries idle this long
+    persister_max_attempts: int = 3  # a failing entry is dead-lettered after these
+    persister_max_deliveries: int = 10  # ...or after being delivered this often (crash loops)
+    persister_backoff_max_s: float = 5.0  # retry ceiling while PostgreSQL is away
+    persister_trim_interval_s: float = 1.0
+    # Near the cap, acknowledged entries are trimmed even inside the retention, so that
+    # claims are not refused just to keep replay history.
+    stream_trim_fraction: float = 0.5
+    # Test-only hook: pause the persister at a named point ("after_read" before the
+    # commit, "after_commit" before the XACK) so that a test can SIGKILL it there.
+    persister_pause_at: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -91,6 +107,12 @@ class Settings:
             stream_retention_s=parse_duration_s(retention) if retention else 3600.0,
             durability=durability,  # type: ignore[arg-type]
             waitaof_timeout_ms=_int(env, "FLASHSALE_WAITAOF_TIMEOUT_MS", 500, 1, 60_000),
+            persister_name=env.get("FLASHSALE_PERSISTER_NAME") or None,
+            persister_batch=_int(env, "FLASHSALE_PERSISTER_BATCH", 2000, 1, 100_000),
+            persister_claim_idle_s=float(
+                _int(env, "FLASHSALE_PERSISTER_CLAIM_IDLE_S", 30, 1, 86_400)
+            ),
+            persister_pause_at=env.get("FLASHSALE_PERSISTER_PAUSE_AT") or None,
         )
 
     @property

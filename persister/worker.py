@@ -1,0 +1,301 @@
+"""The persister: drains the partition streams into PostgreSQL, at least once, idempotently.
+
+One round: read a batch (this consumer's own pending entries first, then entries idle
+too long elsewhere, then new ones), write it in one transaction, XACK after the commit.
+While PostgreSQL is away the same batch is retried with jittered backoff and nothing
+new is read, so the stream (capped) holds the backlog. Entries PostgreSQL keeps refusing,
+or that were delivered too often, go to ``dead_letters`` and are acknowledged.
+
+Stopping (SIGTERM, Ctrl-C): the round in progress finishes or is abandoned (its entries
+stay pending and come back to this name on the next start); never more than a few seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import sys
+import time
+from dataclasses import dataclass
+
+from engine.errors import DatabaseUnavailable, StoreUnavailable
+from engine.settings import Settings
+from engine.store import Store
+from engine.streams import (
+    Consumer,
+    RawEntry,
+    ensure_groups,
+    lease_consumer_name,
+    release_lease,
+    renew_lease,
+    trim_acked,
+)
+from persister.db import Database, Transient, check_schema
+from persister.events import Entry
+from persister.writer import Written, write_dead_letters, write_entries
+
+log = logging.getLogger(__name__)
+
+LEASE_TTL_MS = 15_000
+LEASE_RENEW_S = 5.0
+RECLAIM_EVERY_S = 5.0
+FORGET_IDLE_CONSUMERS_MS = 24 * 3600 * 1000
+STOP_GRACE_S = 5.0
+BACKOFF_BASE_S = 0.05
+
+
+@dataclass(slots=True)
+class Stats:
+    """Counters since start (logged, and read by tests and the benchmark)."""
+
+    rounds: int = 0
+    entries: int = 0
+    vouchers_new: int = 0
+    dead: int = 0
+    parked: int = 0
+    acked: int = 0
+    trimmed: int = 0
+    db_down_s: float = 0.0
+
+
+class Backoff:
+    """Exponential backoff with full jitter, reset after a success."""
+
+    def __init__(self, cap_s: float) -> None:
+        self.cap_s = cap_s
+        self.failures = 0
+
+    def next_s(self) -> float:
+        self.failures += 1
+        return random.uniform(0, min(self.cap_s, BACKOFF_BASE_S * 2**self.failures))
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+class Persister:
+    """One consumer of the persister group; ``run()`` until ``stop()``."""
+
+    def __init__(self, settings: Settings, store: Store, db: Database, name: str) -> None:
+        self.settings = settings
+        self.store = store
+        self.db = db
+        self.name = name
+        self.consumer = Consumer(store, name, settings.persister_batch, settings.persister_block_ms)
+        self.stats = Stats()
+        self._stop = asyncio.Event()
+        self._backoff = Backoff(settings.persister_backoff_max_s)
+        self._next_reclaim = 0.0
+        self._next_trim = 0.0
+
+    def stop(self) -> None:
+        """Ask the loop to stop after the round in progress."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep, but wake at once when asked to stop."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._stop.wait()
+
+    async def run(self) -> Stats:
+        """Drain own pending entries, then loop: reclaim, trim, read, write, ack."""
+        log.info("persister %s starting", self.name)
+        await self._until_ok(ensure_groups, self.store)
+        while not self.stopping:
+            pending = await self._until_ok(self.consumer.read_own_pending)
+            if not pending:
+                break
+            await self._round(pending, check_deliveries=True)
+        while not self.stopping:
+            now = time.monotonic()
+            if now >= self._next_reclaim:
+                self._next_reclaim = now + RECLAIM_EVERY_S
+                idle_ms = int(self.settings.persister_claim_idle_s * 1000)
+                reclaimed = await self._until_ok(self.consumer.reclaim, idle_ms)
+                if reclaimed:
+                    log.info("reclaimed %d idle entries", len(reclaimed))
+                    await self._round(reclaimed, check_deliveries=True)
+                    continue
+            if now >= self._next_trim:
+                self._next_trim = now + self.settings.persister_trim_interval_s
+                await self._trim()
+            entries = await self._until_ok(self.consumer.read_new)
+            if entries:
+                await self._round(entries, check_deliveries=False)
+        log.info(
+            "persister %s stopped: %d entries, %d new vouchers, %d dead letters, %d parked",
+            self.name,
+            self.stats.entries,
+            self.stats.vouchers_new,
+            self.stats.dead,
+            self.stats.parked,
+        )
+        return self.stats
+
+    async def _until_ok(self, fn, *args):  # type: ignore[no-untyped-def]
+        """Call ``fn`` until Redis answers (backing off), or return None when stopping."""
+        while True:
+            try:
+                result = await fn(*args)
+                self._backoff.reset()
+                return result
+            except StoreUnavailable:
+                if self.stopping:
+                    return None
+                delay = self._backoff.next_s()
+                log.warning("Redis unavailable; retrying in %.2fs", delay)
+                await self._sleep(delay)
+
+    def _pause(self, point: str) -> None:
+        """Test hook: stop dead at ``point`` so that a test can SIGKILL this process there."""
+        if self.settings.persister_pause_at == point:
+            print(f"persister paused at {point}", file=sys.stderr, flush=True)
+            while True:
+                time.sleep(3600)
+
+    async def _round(self, raw: list[RawEntry], *, check_deliveries: bool) -> None:
+        """Write one batch (retrying while PostgreSQL is away), then acknowledge it."""
+        deleted = [r for r in raw if r[2] is None]
+        entries = [Entry(s, i, f) for s, i, f in raw if f is not None]
+        too_often: list[tuple[Entry, str]] = []
+        if check_deliveries and entries:
+            counts = await self._until_ok(self.consumer.delivery_counts, raw) or {}
+            limit = self.settings.persister_max_deliveries
+            keep = []
+            for e in entries:
+                n = counts.get((e.stream, e.id), 0)
+                if n > limit:
+                    too_often.append((e, f"delivered {n} times without being written"))
+                else:
+                    keep.append(e)
+            entries = keep
+        self._pause("after_read")
+        written = await self._write(entries, too_often)
+        if written is None:
+            return  # stopping while PostgreSQL is away: the entries stay pending
+        self._pause("after_commit")
+        await self._until_ok(self.consumer.ack, raw)
+        self.stats.rounds += 1
+        self.stats.entries += written.entries
+        self.stats.vouchers_new += written.vouchers_new
+        self.stats.dead += len(written.dead)
+        self.stats.parked += len(written.parked)
+        self.stats.acked += len(raw)
+        if deleted:
+            log.warning("acknowledged %d entries deleted while pending", len(deleted))
+
+    async def _write(
+        self, entries: list[Entry], too_often: list[tuple[Entry, str]]
+    ) -> Written | None:
+        down_since: float | None = None
+        while True:
+            try:
+                written = await write_entries(
+                    self.db, entries, self.settings.persister_max_attempts
+                )
+                if too_often:
+                    async with self.db.transaction() as conn:
+                        await write_dead_letters(
+                            conn, too_often, self.settings.persister_max_deliveries
+                        )
+                    written.dead.extend(too_often)
+                if down_since is not None:
+                    gap = time.monotonic() - down_since
+                    self.stats.db_down_s += gap
+                    log.info("PostgreSQL is back after %.1fs", gap)
+                self._backoff.reset()
+                return written
+            except Transient as exc:
+                log.info("transaction clash (%s); retrying", exc)
+                await self._sleep(random.uniform(0, 0.05))
+            except DatabaseUnavailable:
+                if down_since is None:
+                    down_since = time.monotonic()
+                if self.stopping:
+                    return None
+                delay = self._backoff.next_s()
+                log.warning("PostgreSQL unavailable; retrying the batch in %.2fs", delay)
+                await self._sleep(delay)
+
+    async def _trim(self) -> None:
+        try:
+            trimmed = await trim_acked(
+                self.store,
+                int(self.settings.stream_retention_s * 1000),
+                self.settings.stream_trim_fraction,
+            )
+        except StoreUnavailable:
+            return
+        for t in trimmed:
+            self.stats.trimmed += t.removed
+            log.debug("trimmed %d from %s (%d left)", t.removed, t.stream, t.length)
+
+
+async def run_persister(settings: Settings, stop: asyncio.Event | None = None) -> Stats:
+    """Connect, check the schema, lease a name and run until ``stop`` is set."""
+    if not settings.database_url:
+        raise DatabaseUnavailable("no database URL: set FLASHSALE_DATABASE_URL")
+    store = await Store.connect(settings)
+    db = Database(settings.database_url)
+    await db.open()
+    lease: tuple[str, str] | None = None
+    renewer: asyncio.Task[None] | None = None
+    try:
+        await _check_schema(db)
+        if settings.persister_name:
+            name = settings.persister_name
+        else:
+            lease = await lease_consumer_name(store, LEASE_TTL_MS)
+            name = lease[0]
+            renewer = asyncio.create_task(_renew(store, *lease))
+        persister = Persister(settings, store, db, name)
+        watcher = asyncio.create_task(_stop_when(stop, persister)) if stop else None
+        try:
+            return await persister.run()
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+    finally:
+        if renewer is not None:
+            renewer.cancel()
+        if lease is not None:
+            with contextlib.suppress(StoreUnavailable):
+                await release_lease(store, *lease)
+        await db.close()
+        await store.close()
+
+
+async def _check_schema(db: Database) -> None:
+    """Wait for PostgreSQL if it is down at start; refuse an unmigrated schema."""
+    backoff = Backoff(5.0)
+    while True:
+        try:
+            async with db.connection() as conn:
+                await check_schema(conn)
+            return
+        except DatabaseUnavailable:
+            delay = backoff.next_s()
+            log.warning("PostgreSQL unavailable at start; retrying in %.2fs", delay)
+            await asyncio.sleep(delay)
+
+
+async def _stop_when(stop: asyncio.Event, persister: Persister) -> None:
+    await stop.wait()
+    persister.stop()
+
+
+async def _renew(store: Store, name: str, token: str) -> None:
+    while True:
+        await asyncio.sleep(LEASE_RENEW_S)
+        try:
+            if not await renew_lease(store, name, token, LEASE_TTL_MS):
+                log.error("another process took the consumer name %s", name)
+        except StoreUnavailable:
+            continue

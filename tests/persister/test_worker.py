@@ -1,0 +1,128 @@
+"""The persister against real Redis and PostgreSQL: batches, poison, kills, trimming."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import asyncpg
+
+from engine import claims
+from engine.deals import cancel_deal, create_deal
+from engine.keys import STREAM_GROUP
+from engine.settings import Settings
+from engine.store import Store
+from tests.helpers import new_deal
+from tests.persister.conftest import PersisterProcess, running_persister, wait_caught_up
+
+
+async def _claim_many(store: Store, deal_ids: list[str], users: int) -> dict[str, str]:
+    """Claim concurrently; return voucher id -> user for the new vouchers."""
+    results = await asyncio.gather(
+        *(claims.claim(store, d, f"u-{i}") for d in deal_ids for i in range(users)),
+        return_exceptions=True,
+    )
+    return {r.voucher_id: r.user_id for r in results if isinstance(r, claims.Claim) and r.is_new}
+
+
+async def _vouchers(pg: asyncpg.Connection) -> dict[str, str]:
+    return {r["id"]: r["user_id"] for r in await pg.fetch("SELECT id, user_id FROM vouchers")}
+
+
+async def test_deals_claims_and_cancels_land_exactly(
+    psettings: Settings, pstore: Store, pg: asyncpg.Connection
+) -> None:
+    """Every event kind lands once, with the fields Redis decided."""
+    deals = [await create_deal(pstore, new_deal(30)) for _ in range(6)]
+    issued = await _claim_many(pstore, [d.id for d in deals], 40)  # 40 users for 30 each
+    assert len(issued) == 180
+    await cancel_deal(pstore, deals[0].id, "m-1")
+    async with running_persister(psettings) as p:
+        await wait_caught_up(pstore)
+        assert p.stats.vouchers_new == 180
+    assert await _vouchers(pg) == issued
+    rows = await pg.fetch("SELECT deal_id, count(*), max(seq) FROM vouchers GROUP BY deal_id")
+    assert sorted((r["count"], r["max"]) for r in rows) == [(30, 30)] * 6
+    cancelled = await pg.fetch("SELECT id FROM deals WHERE cancelled_at IS NOT NULL")
+    assert [r["id"] for r in cancelled] == [deals[0].id]
+    d = await pg.fetchrow(
+        "SELECT merchant_id, inventory_total, fs_to_ms(ends_at) AS ends FROM deals WHERE id=$1",
+        deals[1].id,
+    )
+    assert (d["merchant_id"], d["inventory_total"], d["ends"]) == ("m-1", 30, deals[1].ends_at_ms)
+    assert await pg.fetchval("SELECT count(*) FROM dead_letters") == 0
+
+
+async def test_poisoned_entries_go_to_dead_letters_and_the_rest_lands(
+    psettings: Settings, pstore: Store, pg: asyncpg.Connection
+) -> None:
+    """A malformed entry, an unknown type and a row PostgreSQL refuses (NUL) inside one batch."""
+    deal = await create_deal(pstore, new_deal(20))
+    k = pstore.keys.for_deal(deal.id)
+    first = await _claim_many(pstore, [deal.id], 5)
+    c = pstore.client
+    bad_seq = {"type": "claim", "deal": deal.id, "seq": "x", "voucher": "v", "user": "u", "at": "1"}
+    await c.xadd(k.events, bad_seq)
+    await c.xadd(k.events, {"type": "mystery", "deal": deal.id})
+    await c.xadd(k.events, {"type": "claim", "deal": deal.id, "seq": "999", "voucher": "vnul",
+                            "user": "bad\x00user", "at": "1700000000000"})  # fmt: skip
+    rest = await _claim_many(pstore, [deal.id], 10)
+    async with running_persister(psettings):
+        await wait_caught_up(pstore)
+    assert await _vouchers(pg) == {**first, **rest}
+    dead = await pg.fetch("SELECT stream, fields, error FROM dead_letters ORDER BY id")
+    errors = [r["error"] for r in dead]
+    assert len(dead) == 3, errors
+    assert any("'seq' is not an integer" in e for e in errors)
+    assert any("unknown event type 'mystery'" in e for e in errors)
+    assert any("CharacterNotInRepertoire" in e or "invalid byte" in e for e in errors)
+    assert all(r["stream"] == k.events for r in dead)
+    assert await pstore.client.xpending(k.events, STREAM_GROUP) is not None
+    assert (await pstore.client.xpending(k.events, STREAM_GROUP))["pending"] == 0
+
+
+async def test_killed_after_commit_before_ack_writes_nothing_twice(
+    psettings: Settings,
+    pstore: Store,
+    pg: asyncpg.Connection,
+    spawn_persister: Callable[..., PersisterProcess],
+) -> None:
+    """SIGKILL between the commit and the XACK: the restart re-writes the batch idempotently."""
+    deal = await create_deal(pstore, new_deal(50))
+    issued = await _claim_many(pstore, [deal.id], 50)
+    p = spawn_persister(
+        psettings, FLASHSALE_PERSISTER_NAME="p-a", FLASHSALE_PERSISTER_PAUSE_AT="after_commit"
+    )
+    await p.wait_for_output("persister paused at after_commit")
+    assert len(await _vouchers(pg)) == 50  # committed...
+    k = pstore.keys.for_deal(deal.id)
+    assert (await pstore.client.xpending(k.events, STREAM_GROUP))["pending"] == 51  # ...not acked
+    p.kill()
+    again = spawn_persister(psettings, FLASHSALE_PERSISTER_NAME="p-a")
+    await wait_caught_up(pstore)
+    assert again.proc.poll() is None
+    assert await _vouchers(pg) == issued
+    assert await pg.fetchval("SELECT count(*) FROM dead_letters") == 0
+    assert await pg.fetchval("SELECT count(*) FROM parked_vouchers") == 0
+    assert again.terminate() == 0
+
+
+async def test_killed_after_read_before_commit_loses_nothing(
+    psettings: Settings,
+    pstore: Store,
+    pg: asyncpg.Connection,
+    spawn_persister: Callable[..., PersisterProcess],
+) -> None:
+    """SIGKILL between the read and the commit: the entries stay pending and land on restart."""
+    deal = await create_deal(pstore, new_deal(40))
+    issued = await _claim_many(pstore, [deal.id], 40)
+    p = spawn_persister(
+        psettings, FLASHSALE_PERSISTER_NAME="p-b", FLASHSALE_PERSISTER_PAUSE_AT="after_read"
+    )
+    await p.wait_for_output("persister paused at after_read")
+    assert await _vouchers(pg) == {}
+    p.kill()
+    again = spawn_persister(psettings, FLASHSALE_PERSISTER_NAME="p-b")
+    await wait_caught_up(pstore)
+    assert await _vouchers(pg) == issued
+    assert again.terminate() == 0
