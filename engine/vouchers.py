@@ -58,15 +58,17 @@ RETIRE_SLACK_MS = 3_600_000
 # Served tokens are small; anything longer is not one of ours (and is refused unparsed).
 MAX_TOKEN_CHARS = 2048
 
-_KID_RE = re.compile(r"^k(\d{8}T\d{6})-[0-9a-f]{6,32}$")
+_KID_RE = re.compile(r"^k(\d{8}T\d{6})(?:\.(\d{3}))?-[0-9a-f]{6,32}$")
 _B64URL_RE = re.compile(r"^[A-Za-z0-9_-]*$")
 _ECDSA = ec.ECDSA(hashes.SHA256())
 _REQUIRED_CLAIMS = ("iss", "aud", "sub", "jti", "deal", "iat", "exp")
 
 
-def new_kid() -> str:
-    """A key id that sorts by creation time."""
-    return time.strftime("k%Y%m%dT%H%M%S", time.gmtime()) + f"-{os.urandom(3).hex()}"
+def new_kid(after_ms: int = 0) -> str:
+    """A key id naming its creation time (ms), later than ``after_ms``; sorts by age."""
+    ms = max(time.time_ns() // 1_000_000, after_ms + 1)
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(ms // 1000))
+    return f"k{stamp}.{ms % 1000:03d}-{os.urandom(3).hex()}"
 
 
 def kid_created_ms(kid: str) -> int | None:
@@ -74,13 +76,16 @@ def kid_created_ms(kid: str) -> int | None:
     match = _KID_RE.match(kid)
     if not match:
         return None
-    return calendar.timegm(time.strptime(match.group(1), "%Y%m%dT%H%M%S")) * 1000
+    seconds = calendar.timegm(time.strptime(match.group(1), "%Y%m%dT%H%M%S"))
+    return seconds * 1000 + int(match.group(2) or 0)
 
 
 def rotate_key(keys_dir: Path) -> str:
     """Write a new P-256 signing key (mode 0600) into ``keys_dir``; return its kid."""
     keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    kid = new_kid()
+    # The new key must be the newest even if the clock is behind the last rotation's host.
+    existing = [kid_created_ms(p.stem) or 0 for p in keys_dir.glob("k*.pem")]
+    kid = new_kid(max(existing, default=0))
     key = ec.generate_private_key(ec.SECP256R1())
     pem = key.private_bytes(
         serialization.Encoding.PEM,

@@ -1,0 +1,72 @@
+"""The redeem_voucher script and sync idempotency, on one Redis node and on a Cluster."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine import claims, redemptions
+from engine.deals import create_deal
+from engine.errors import AlreadyRedeemed, BacklogFull, NotYourVoucher
+from engine.keys import sync_entries_key
+from engine.store import Store
+from engine.times import now_ms, to_rfc3339
+from engine.vouchers import VoucherSigner
+from tests.helpers import new_deal
+
+
+async def _voucher(store: Store, signer: VoucherSigner, user: str = "u-1") -> tuple[str, str]:
+    deal = await create_deal(store, new_deal(5))
+    claim = await claims.claim(store, deal.id, user)
+    return signer.sign(claim), claim.voucher_id
+
+
+async def test_online_redemption_first_wins_and_records_the_documented_value(
+    store: Store,
+) -> None:
+    signer = VoucherSigner(store.settings.signing_keys_dir)
+    token, vid = await _voucher(store, signer)
+    with pytest.raises(NotYourVoucher):
+        await redemptions.redeem(store, signer, token, "m-2")
+    done = await redemptions.redeem(store, signer, token, "m-1")
+    assert done.voucher_id == vid and abs(done.redeemed_at_ms - now_ms()) < 5000
+    with pytest.raises(AlreadyRedeemed) as refused:
+        await redemptions.redeem(store, signer, token, "m-1")
+    assert refused.value.details["redeemed_at"] == to_rfc3339(done.redeemed_at_ms)
+    k = store.keys.for_deal(vid.split(".", 1)[1])
+    # "<at_ms>|<device>|<entry>|<merchant>": device and entry are empty online.
+    assert await store.client.hget(k.redemptions, vid) == f"{done.redeemed_at_ms}|||m-1"
+    events = [f for _id, f in await store.client.xrange(k.events) if f["type"] == "redeem"]
+    assert len(events) == 1  # the refused second attempt logged nothing
+
+
+async def test_a_replayed_sync_entry_is_the_same_accepted_result(store: Store) -> None:
+    """Crash between redeem and record: the entry comes again and is accepted again, once."""
+    signer = VoucherSigner(store.settings.signing_keys_dir)
+    token, vid = await _voucher(store, signer)
+    at = to_rfc3339(now_ms())
+    entry = {"entry_id": "e-1", "token": token, "redeemed_at": at}
+    first = await redemptions.sync(store, signer, "m-1", "till-1", [entry], lambda s: True)
+    await store.client.delete(sync_entries_key("m-1"))  # the record step was lost
+    again = await redemptions.sync(store, signer, "m-1", "till-1", [entry], lambda s: True)
+    assert first[0]["status"] == again[0]["status"] == "accepted"
+    assert first[0]["first_redeemed_at"] == again[0]["first_redeemed_at"] == at
+    k = store.keys.for_deal(vid.split(".", 1)[1])
+    events = [f for _id, f in await store.client.xrange(k.events) if f["type"] == "redeem"]
+    assert len(events) == 1
+    assert {k: events[0][k] for k in ("merchant", "device", "entry", "voucher")} == {
+        "merchant": "m-1", "device": "till-1", "entry": "e-1", "voucher": vid,
+    }  # fmt: skip
+    # Now recorded: a third upload is a duplicate of the first result.
+    third = await redemptions.sync(store, signer, "m-1", "till-1", [entry], lambda s: True)
+    assert third[0]["status"] == "duplicate" and third[0]["first_status"] == "accepted"
+
+
+async def test_redemption_is_refused_when_the_stream_is_full(store: Store) -> None:
+    signer = VoucherSigner(store.settings.signing_keys_dir)
+    token, vid = await _voucher(store, signer)
+    k = store.keys.for_deal(vid.split(".", 1)[1])
+    cap = await store.client.xlen(k.events)
+    full = Store(store.client, store.settings.with_(stream_cap=cap))
+    with pytest.raises(BacklogFull):
+        await redemptions.redeem(full, signer, token, "m-1")
+    assert await store.client.hget(k.redemptions, vid) is None  # nothing half-done
