@@ -248,7 +248,8 @@ async def run_persister(settings: Settings, stop: asyncio.Event | None = None) -
     lease: tuple[str, str] | None = None
     renewer: asyncio.Task[None] | None = None
     try:
-        await _check_schema(db)
+        if not await _check_schema(db, stop or asyncio.Event()):
+            return Stats()  # asked to stop before PostgreSQL answered
         if settings.persister_name:
             name = settings.persister_name
         else:
@@ -272,18 +273,21 @@ async def run_persister(settings: Settings, stop: asyncio.Event | None = None) -
         await store.close()
 
 
-async def _check_schema(db: Database) -> None:
-    """Wait for PostgreSQL if it is down at start; refuse an unmigrated schema."""
+async def _check_schema(db: Database, stop: asyncio.Event) -> bool:
+    """Wait for PostgreSQL if it is down at start (False if stopped meanwhile);
+    refuse an unmigrated schema."""
     backoff = Backoff(5.0)
-    while True:
+    while not stop.is_set():
         try:
             async with db.connection() as conn:
                 await check_schema(conn)
-            return
+            return True
         except DatabaseUnavailable:
             delay = backoff.next_s()
             log.warning("PostgreSQL unavailable at start; retrying in %.2fs", delay)
-            await asyncio.sleep(delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+    return False
 
 
 async def _stop_when(stop: asyncio.Event, persister: Persister) -> None:

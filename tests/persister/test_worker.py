@@ -126,3 +126,104 @@ async def test_killed_after_read_before_commit_loses_nothing(
     await wait_caught_up(pstore)
     assert await _vouchers(pg) == issued
     assert again.terminate() == 0
+
+
+async def test_two_persisters_over_several_partitions_count_exactly(
+    psettings: Settings,
+    pstore: Store,
+    pg: asyncpg.Connection,
+    spawn_persister: Callable[..., PersisterProcess],
+) -> None:
+    """Two processes drain four partitions while claims pour in: every voucher once."""
+    procs = [spawn_persister(psettings, FLASHSALE_PERSISTER_BATCH="50") for _ in range(2)]
+    deals = [await create_deal(pstore, new_deal(150)) for _ in range(8)]
+    assert len({pstore.keys.partition_of(d.id) for d in deals}) > 1
+    issued: dict[str, str] = {}
+    for wave in range(4):
+        users = [f"u-{wave}-{i}" for i in range(50)]
+        got = await asyncio.gather(
+            *(claims.claim(pstore, d.id, u) for d in deals for u in users), return_exceptions=True
+        )
+        issued.update({c.voucher_id: c.user_id for c in got if isinstance(c, claims.Claim)})
+        await asyncio.sleep(0.1)
+    assert len(issued) == 8 * 150
+    await wait_caught_up(pstore, 40)
+    assert await _vouchers(pg) == issued
+    names = set()
+    for key in pstore.keys.all_events():
+        names |= {c["name"] for c in await pstore.client.xinfo_consumers(key, STREAM_GROUP)}
+    assert len(names) == 2, names  # two leased, distinct names
+    assert all(p.terminate() == 0 for p in procs)
+
+
+async def test_a_dead_consumers_entries_are_reclaimed_by_another(
+    psettings: Settings,
+    pstore: Store,
+    pg: asyncpg.Connection,
+    spawn_persister: Callable[..., PersisterProcess],
+) -> None:
+    """A persister killed holding entries, never restarted: XAUTOCLAIM hands them over."""
+    deal = await create_deal(pstore, new_deal(30))
+    issued = await _claim_many(pstore, [deal.id], 30)
+    dead = spawn_persister(psettings, FLASHSALE_PERSISTER_NAME="gone",
+                           FLASHSALE_PERSISTER_PAUSE_AT="after_read")  # fmt: skip
+    await dead.wait_for_output("persister paused at after_read")
+    dead.kill()
+    other = spawn_persister(psettings, FLASHSALE_PERSISTER_NAME="other",
+                            FLASHSALE_PERSISTER_CLAIM_IDLE_S="1")  # fmt: skip
+    await wait_caught_up(pstore, 30)
+    assert await _vouchers(pg) == issued
+    assert "reclaimed 31 idle entries" in other.output()
+
+
+async def test_sigterm_stops_within_seconds_even_while_postgres_is_down(
+    psettings: Settings, spawn_persister: Callable[..., PersisterProcess], pstore: Store
+) -> None:
+    """SIGTERM: a clean exit (0) within a few seconds, whether idle or backing off."""
+    idle = spawn_persister(psettings)
+    await idle.wait_for_output("persister")
+    await asyncio.sleep(1.0)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    assert idle.terminate() == 0
+    assert loop.time() - t0 < 5
+    nowhere = psettings.with_(database_url="postgresql://postgres@127.0.0.1:1/none")
+    stuck = spawn_persister(nowhere)
+    await stuck.wait_for_output("PostgreSQL unavailable")
+    t0 = loop.time()
+    assert stuck.terminate() == 0
+    assert loop.time() - t0 < 5
+
+
+async def test_trims_only_acknowledged_entries_past_retention_or_near_the_cap(
+    psettings: Settings, pstore: Store
+) -> None:
+    """Retention keeps acked history for replay; near the cap acked entries go anyway."""
+    deal = await create_deal(pstore, new_deal(40))
+    k = pstore.keys.for_deal(deal.id)
+    await _claim_many(pstore, [deal.id], 10)
+    async with running_persister(psettings.with_(stream_retention_s=3600.0)):
+        await wait_caught_up(pstore)
+        await asyncio.sleep(0.5)  # a few trim rounds
+        assert await pstore.client.xlen(k.events) == 11  # acked, but inside the retention
+    await _claim_many(pstore, [deal.id], 20)  # 10 more new ones, not yet persisted
+    assert await pstore.client.xlen(k.events) == 21
+    async with running_persister(psettings.with_(stream_retention_s=0.0), "second") as p:
+        await wait_caught_up(pstore)
+        await asyncio.sleep(0.5)
+        assert await pstore.client.xlen(k.events) == 0
+        assert p.stats.trimmed == 21
+    await _claim_many(pstore, [deal.id], 25)  # 5 new
+    near_cap = psettings.with_(stream_cap=8, stream_retention_s=3600.0)
+    async with running_persister(near_cap, "third"):
+        await wait_caught_up(pstore)
+        await asyncio.sleep(0.5)
+        assert await pstore.client.xlen(k.events) == 0  # young, but acked and past cap/2
+    # An entry delivered but not acknowledged is never trimmed, whatever the pressure.
+    await _claim_many(pstore, [deal.id], 30)  # 5 new: u-25..u-29
+    await pstore.client.xreadgroup(STREAM_GROUP, "holder", {k.events: ">"}, count=1)
+    async with running_persister(near_cap, "fourth"):
+        await asyncio.sleep(1.0)
+        first = await pstore.client.xrange(k.events, count=1)
+        assert first and first[0][1]["user"] == "u-25"
+        assert await pstore.client.xlen(k.events) == 5
