@@ -78,7 +78,7 @@ def test_get_voucher_for_holder_and_merchant_only(
     # A fresh signature over the same claims: the same voucher.
     assert verify_with_jwks(client, body["voucher"]["token"], "m-1")["jti"] == voucher["id"]
     assert client.get(url, headers=api.auth("merchant", "m-1")).status_code == 200
-    for who in (api.auth("user", "u-2"), api.auth("merchant", "m-2")):
+    for who in (api.auth("user", "u-2"), api.auth("merchant", "m-2"), api.auth("admin", "u-1")):
         r = client.get(url, headers=who)
         assert r.status_code == 404 and r.json()["error"]["code"] == "voucher_not_found"
     for bad in ("vdeadbeefdeadbeef.d_nope", "nonsense", "v" + "x" * 80):
