@@ -49,6 +49,7 @@ REDIS_EARTH_RADIUS_KM = 6372.797560856  # what GEOSEARCH measures with
 # deal's own. Every bound that mixes the two kinds of coordinates allows this much.
 GEO_SLACK_KM = 0.002
 LAT_MAX = 85.05112878  # the band a geo index can hold
+_REDIS_SCALE = REDIS_EARTH_RADIUS_KM / EARTH_RADIUS_KM
 
 # Candidates asked of each partition per cached entry, first time round: enough for the
 # nearest ``limit`` from anywhere in the cell in a dense city; widened x8 when not.
@@ -307,23 +308,27 @@ class Discovery:
     ) -> _Candidates:
         """Every indexed deal within ``reach_km`` of the point (nearest ``count`` per partition)."""
         reach_km += 2 * GEO_SLACK_KM
-        # GEOSEARCH measures with a larger Earth: the same angle is a longer distance.
-        redis_km = reach_km * (REDIS_EARTH_RADIUS_KM / EARTH_RADIUS_KM) + GEO_SLACK_KM
-        # Valkey/Redis miss members across the antimeridian from a centre at exactly +180.
-        search_lng = -180.0 if lng >= 180.0 else lng
+        centres = _centres(lat, lng, reach_km)
+        if len(centres) > 1:
+            count = None  # the extra searches are unbounded: so is this one
         pipe = self.store.client.pipeline(transaction=False)
-        for p in range(self.store.keys.partitions):
-            pipe.geosearch(
-                geo_key(p), longitude=search_lng, latitude=lat, radius=redis_km, unit="km",
-                sort="ASC", count=count, withcoord=True,
-            )  # fmt: skip
+        for c_lat, c_lng, c_km in centres:
+            redis_km = c_km * _REDIS_SCALE + GEO_SLACK_KM
+            for p in range(self.store.keys.partitions):
+                pipe.geosearch(
+                    geo_key(p), longitude=c_lng, latitude=c_lat, radius=redis_km, unit="km",
+                    sort="ASC", count=count, withcoord=True,
+                )  # fmt: skip
         async with self.store.guard():
             replies = await pipe.execute()
         covered = reach_km
         rows: list[tuple[float, str, float, float]] = []
+        seen: set[str] = set()
         for reply in replies:
             for member, (m_lng, m_lat) in reply:
-                rows.append((haversine_km(lat, lng, m_lat, m_lng), member, m_lat, m_lng))
+                if member not in seen:
+                    seen.add(member)
+                    rows.append((haversine_km(lat, lng, m_lat, m_lng), member, m_lat, m_lng))
             if count is not None and len(reply) >= count:
                 # This partition may hold more deals just past its farthest one returned.
                 m_lng, m_lat = reply[-1][1]
@@ -407,6 +412,33 @@ class Discovery:
         """Wait for background index removals."""
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _centres(lat: float, lng: float, reach_km: float) -> list[tuple[float, float, float]]:
+    """Where to search from (lat, lng, km) so that the index's blind spots are covered.
+
+    Valkey/Redis (7.x, 8.x) ``GEOSEARCH`` has two: a member stored at longitude exactly
+    180 is found only from a centre at exactly 180, and a centre at exactly 180 misses
+    the western side; and a member at the very edge of the band (+-85.05112878) is
+    often missed from a centre below it. So near those lines, search from them as well,
+    with a radius that covers the caller's circle (triangle inequality).
+    """
+    centres = [(lat, -180.0 if lng >= 180.0 else lng, reach_km)]
+    edges = [lat]
+    for edge in (LAT_MAX, -LAT_MAX):
+        to_edge_km = haversine_km(lat, lng, edge, lng)
+        if to_edge_km <= reach_km + GEO_SLACK_KM:
+            centres.append((edge, centres[0][1], reach_km + to_edge_km))
+            edges.append(edge)
+    turn = math.radians(180.0 - abs(lng))  # how far from the antimeridian, as an angle
+    to_meridian_km = EARTH_RADIUS_KM * math.asin(
+        min(1.0, math.sin(turn) * math.cos(math.radians(lat)))
+    )
+    if turn < math.pi / 2 and to_meridian_km <= reach_km + GEO_SLACK_KM:
+        for edge_lat in edges:
+            extra_km = haversine_km(lat, lng, edge_lat, 180.0)
+            centres.append((edge_lat, 180.0, reach_km + extra_km))
+    return centres
 
 
 def _by_distance(row: tuple[float, str, Deal]) -> tuple[float, str]:

@@ -1,0 +1,425 @@
+"""Discovery: exact, live, nearest-first answers from the geo indexes, cached or not.
+
+The property test builds random worlds of deals in every state around awkward places
+(the antimeridian, the edges of the geo band, a city) and compares every answer with a
+brute-force Haversine over the deals that are active, on one node and on a cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
+
+from engine import claims
+from engine.deals import cancel_deal, create_deal
+from engine.discovery import LAT_MAX, Discovery, Nearby, haversine_km
+from engine.errors import StoreUnavailable
+from engine.settings import Settings
+from engine.store import Store, make_client
+from engine.times import now_ms
+from flashsale.embedded import free_port
+from tests.conftest import flush
+from tests.helpers import HOUR_MS, new_deal
+
+STATES = (
+    "active",
+    "scheduled",
+    "ended",
+    "sold_out",  # the last voucher claimed: the claim script drops it from the index
+    "cancelled",  # cancelled: the cancel script drops it from the index
+    "stale_sold_out",  # stock gone but still indexed: only the live filter stands in the way
+    "stale_cancelled",
+)
+# Places where geometry goes wrong: a city, the antimeridian (both sides), the edges of
+# the band a geo index holds, the antimeridian at the edge of the band.
+CENTRES = [
+    (12.9716, 77.5946),
+    (0.0, 180.0),
+    (-33.9, -180.0),
+    (LAT_MAX, 0.0),
+    (-LAT_MAX, 179.999),
+    (84.9, -179.99),
+]
+
+
+@dataclass
+class Placed:
+    id: str
+    lat: float
+    lng: float
+    state: str
+
+
+class Clock:
+    """A monotonic clock the test moves by hand (cache expiry)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def wrap_lng(lng: float) -> float:
+    return ((lng + 180.0) % 360.0) - 180.0 if not -180.0 <= lng <= 180.0 else lng
+
+
+def clamp_lat(lat: float) -> float:
+    return max(-LAT_MAX, min(LAT_MAX, lat))
+
+
+def brute_force(
+    world: list[Placed], lat: float, lng: float, radius_km: float, limit: int
+) -> list[tuple[str, float]]:
+    """The reference answer: every active deal by Haversine, nearest first, cut at limit."""
+    hits = sorted(
+        (haversine_km(lat, lng, p.lat, p.lng), p.id)
+        for p in world
+        if p.state == "active" and haversine_km(lat, lng, p.lat, p.lng) <= radius_km
+    )
+    return [(i, d) for d, i in hits[:limit]]
+
+
+async def place(store: Store, lat: float, lng: float, state: str, inventory: int = 2) -> str:
+    """Create a deal at a point and bring it into ``state``."""
+    if state == "scheduled":
+        spec = new_deal(inventory, lat=lat, lng=lng, starts_in_ms=HOUR_MS)
+    elif state == "ended":
+        spec = new_deal(inventory, lat=lat, lng=lng, starts_in_ms=-2 * HOUR_MS)
+    else:
+        spec = new_deal(inventory, lat=lat, lng=lng)
+    deal = await create_deal(store, spec)
+    k = store.keys.for_deal(deal.id)
+    if state == "sold_out":
+        for i in range(inventory):
+            await claims.claim(store, deal.id, f"u-{i}")
+    elif state == "cancelled":
+        await cancel_deal(store, deal.id, spec.merchant_id)
+    elif state == "stale_sold_out":
+        await store.client.hset(k.deal, "left", 0)
+    elif state == "stale_cancelled":
+        await store.client.hset(k.deal, "cancelled", now_ms())
+    return deal.id
+
+
+def ids_and_distances(found: list[Nearby]) -> list[tuple[str, float]]:
+    return [(n.deal.id, n.distance_km) for n in found]
+
+
+def assert_well_formed(found: list[Nearby], radius_km: float, limit: int) -> None:
+    assert len(found) <= limit
+    distances = [n.distance_km for n in found]
+    assert distances == sorted(distances)
+    for n in found:
+        assert n.deal.status == "active"
+        assert n.distance_km <= radius_km
+
+
+@pytest.fixture
+async def discover(store: Store) -> AsyncIterator[Callable[..., Discovery]]:
+    """Make ``Discovery`` objects on the test's store; their background work ends with it."""
+    made: list[Discovery] = []
+
+    def make(**options: Any) -> Discovery:
+        made.append(Discovery(store, **options))
+        return made[-1]
+
+    yield make
+    for d in made:
+        await d.close()
+
+
+# -- the formula --------------------------------------------------------------------
+
+
+def test_haversine_uses_the_mean_earth_radius() -> None:
+    """One degree along a meridian is 6371.0088 km x pi/180; a half turn is half the globe."""
+    assert haversine_km(0, 0, 1, 0) == pytest.approx(6371.0088 * math.pi / 180, rel=1e-12)
+    assert haversine_km(0, 179.5, 0, -179.5) == pytest.approx(haversine_km(0, 0, 0, 1), rel=1e-12)
+    assert haversine_km(0, 0, 0, 180) == pytest.approx(6371.0088 * math.pi, rel=1e-12)
+
+
+# -- the property ------------------------------------------------------------------
+
+world_strategy = st.tuples(
+    st.sampled_from(CENTRES),
+    st.lists(
+        st.tuples(
+            st.floats(-0.3, 0.3),  # lat offset, degrees (about +-33 km)
+            st.floats(-0.6, 0.6),  # lng offset, degrees
+            st.sampled_from(STATES),
+        ),
+        min_size=0,
+        max_size=40,
+    ),
+    st.lists(
+        st.tuples(
+            st.floats(-0.25, 0.25),
+            st.floats(-0.5, 0.5),
+            st.one_of(st.just(50.0), st.floats(0.05, 50.0)),
+            st.one_of(st.integers(1, 5), st.integers(1, 100)),
+        ),
+        min_size=1,
+        max_size=4,
+    ),
+)
+
+
+@pytest.mark.timeout(90)
+@hsettings(
+    max_examples=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(world=world_strategy)
+def test_answers_match_brute_force_haversine_over_active_deals(
+    settings: Settings, world: tuple[Any, ...]
+) -> None:
+    """Same deals, nearest first, within the radius, limit respected; cached or not."""
+    (clat, clng), deals, queries = world
+
+    async def scenario() -> None:
+        flush(settings.redis_url or "", settings.redis_cluster)
+        store = await Store.connect(settings)
+        try:
+            placed = []
+            for dlat, dlng, state in deals:
+                lat, lng = clamp_lat(clat + dlat), wrap_lng(clng + dlng)
+                placed.append(Placed(await place(store, lat, lng, state), lat, lng, state))
+            cached = Discovery(store)
+            uncached = Discovery(store, cache_s=0)
+            for qdlat, qdlng, radius, limit in queries:
+                lat, lng = clamp_lat(clat + qdlat), wrap_lng(clng + qdlng)
+                want = brute_force(placed, lat, lng, radius, limit)
+                for d in (cached, uncached, cached):  # the second `cached` is a hit
+                    found = await d.nearby(lat, lng, radius, limit)
+                    assert_well_formed(found, radius, limit)
+                    assert ids_and_distances(found) == want, (
+                        f"{d.cache_s=} {lat=} {lng=} {radius=} {limit=} {placed=}"
+                    )
+            assert cached.hits >= len(queries)
+            await cached.close()
+            await uncached.close()
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
+
+
+# -- edges ---------------------------------------------------------------------------
+
+
+async def test_antimeridian_deals_on_both_sides_are_found(
+    store: Store, discover: Callable[..., Discovery]
+) -> None:
+    """From lng 180, -180 or just beside it, deals on either side are neighbours."""
+    east = await place(store, 10.0, 179.99, "active")
+    west = await place(store, 10.0, -179.99, "active")
+    d = discover()
+    for lng in (180.0, -180.0, 179.995, -179.9999):
+        found = await d.nearby(10.0, lng, 5.0, 10)
+        assert {n.deal.id for n in found} == {east, west}
+        for n in found:
+            assert n.distance_km == pytest.approx(haversine_km(10.0, lng, n.deal.lat, n.deal.lng))
+            assert n.distance_km < 2.2
+
+
+async def test_edges_of_the_geo_band(store: Store, discover: Callable[..., Discovery]) -> None:
+    """Deals and callers at +-85.05112878 (the band a geo index holds) are served."""
+    north = await place(store, LAT_MAX, 10.0, "active")
+    north_near = await place(store, LAT_MAX - 0.01, 10.05, "active")
+    south = await place(store, -LAT_MAX, -179.0, "active")
+    d = discover()
+    found = await d.nearby(LAT_MAX, 10.0, 5.0, 20)
+    assert [n.deal.id for n in found] == [north, north_near]
+    assert found[0].distance_km == 0.0
+    found = await d.nearby(-LAT_MAX, 180.0, 50.0, 20)
+    assert [n.deal.id for n in found] == [south]
+    assert found[0].distance_km == pytest.approx(haversine_km(-LAT_MAX, 180.0, -LAT_MAX, -179.0))
+
+
+async def test_a_50_km_radius_includes_49_9_and_excludes_50_1_km(
+    store: Store, discover: Callable[..., Discovery]
+) -> None:
+    lat, lng = 12.9716, 77.5946
+    per_deg = haversine_km(lat, lng, lat + 1, lng)
+    inside = await place(store, lat + 49.9 / per_deg, lng, "active")
+    outside = await place(store, lat - 50.1 / per_deg, lng, "active")
+    for d in (discover(), discover(cache_s=0)):
+        found = await d.nearby(lat, lng, 50.0, 100)
+        assert [n.deal.id for n in found] == [inside]
+        assert outside not in {n.deal.id for n in found}
+
+
+async def test_a_deal_exactly_on_the_circle_is_included(
+    store: Store, discover: Callable[..., Discovery]
+) -> None:
+    """radius == the deal's exact distance: in; the next float below: out."""
+    lat, lng = 48.8566, 2.3522
+    deal_lat, deal_lng = 48.8566 + 0.031415, 2.3522 - 0.027183
+    deal = await place(store, deal_lat, deal_lng, "active")
+    exact = haversine_km(lat, lng, deal_lat, deal_lng)
+    for d in (discover(), discover(cache_s=0)):
+        found = await d.nearby(lat, lng, exact, 5)
+        assert [(n.deal.id, n.distance_km) for n in found] == [(deal, exact)]
+        assert await d.nearby(lat, lng, math.nextafter(exact, 0.0), 5) == []
+
+
+async def test_an_empty_area_answers_nothing(
+    store: Store, discover: Callable[..., Discovery]
+) -> None:
+    await place(store, 12.9716, 77.5946, "active")
+    d = discover()
+    assert await d.nearby(-33.8688, 151.2093, 50.0, 100) == []
+    assert await d.nearby(-33.8688, 151.2093, 50.0, 100) == []  # and cached
+
+
+async def test_a_limit_larger_than_the_matches_returns_them_all(
+    store: Store, discover: Callable[..., Discovery]
+) -> None:
+    lat, lng = 40.7128, -74.0060
+    ids = [await place(store, lat + i * 0.002, lng, "active") for i in range(3)]
+    await place(store, lat + 0.001, lng, "scheduled")
+    found = await discover().nearby(lat, lng, 5.0, 100)
+    assert [n.deal.id for n in found] == ids
+
+
+async def test_dense_area_from_the_corner_of_a_cell_matches_brute_force(
+    store: Store, discover: Callable[..., Discovery]
+) -> None:
+    """Hundreds of deals per cell: the cached COUNT-limited candidates get widened as needed."""
+    lat0, lng0 = 52.52, 13.40
+    world: list[Placed] = []
+    specs = []
+    for i in range(400):
+        lat = lat0 + ((i * 37) % 100) / 2000.0
+        lng = lng0 + ((i * 53) % 100) / 2000.0
+        state = "ended" if i % 7 == 0 else "scheduled" if i % 11 == 0 else "active"
+        specs.append((lat, lng, state))
+    ids = await asyncio.gather(*(place(store, a, b, s) for a, b, s in specs))
+    world = [Placed(i, a, b, s) for i, (a, b, s) in zip(ids, specs, strict=True)]
+    d = discover(cell_deg=0.01)
+    # Corners and the centre of one cell, then a far corner of another.
+    for lat, lng in [(52.5200001, 13.4000001), (52.5299999, 13.4099999), (52.525, 13.405),
+                     (52.5399999, 13.4399999)]:  # fmt: skip
+        for radius, limit in [(0.3, 20), (5.0, 20), (5.0, 100), (0.05, 3)]:
+            found = await d.nearby(lat, lng, radius, limit)
+            assert ids_and_distances(found) == brute_force(world, lat, lng, radius, limit)
+
+
+# -- liveness and the cache --------------------------------------------------------
+
+
+@pytest.mark.parametrize("cache_s", [30.0, 0.0], ids=["cached", "uncached"])
+async def test_a_deal_that_sells_out_is_gone_from_the_very_next_response(
+    store: Store, discover: Callable[..., Discovery], cache_s: float
+) -> None:
+    lat, lng = 35.6762, 139.6503
+    first = await place(store, lat + 0.001, lng, "active", inventory=2)
+    second = await place(store, lat + 0.002, lng, "active", inventory=2)
+    d = discover(cache_s=cache_s)
+    assert [n.deal.id for n in await d.nearby(lat, lng, 2.0, 10)] == [first, second]
+    await claims.claim(store, first, "u-a")
+    answer = await d.nearby(lat, lng, 2.0, 10)
+    assert [(n.deal.id, n.deal.inventory_left) for n in answer] == [(first, 1), (second, 2)]
+    await claims.claim(store, first, "u-b")  # the last voucher
+    assert [n.deal.id for n in await d.nearby(lat, lng, 2.0, 10)] == [second]
+    assert [n.deal.id for n in await d.nearby(lat + 0.0001, lng, 2.0, 10)] == [second]
+
+
+async def test_a_deal_sold_out_behind_the_index_is_still_never_shown(
+    store: Store, discover: Callable[..., Discovery]
+) -> None:
+    """Even if the index still lists it, the live state decides (and the entry goes)."""
+    lat, lng = 35.6762, 139.6503
+    deal = await place(store, lat, lng, "active")
+    d = discover()
+    assert len(await d.nearby(lat, lng, 1.0, 5)) == 1
+    k = store.keys.for_deal(deal)
+    await store.client.hset(k.deal, "left", 0)
+    assert await d.nearby(lat, lng, 1.0, 5) == []
+    await d.close()
+    assert await store.client.zscore(k.geo, deal) is None
+
+
+async def test_cancelled_and_ended_deals_are_never_shown(
+    store: Store, discover: Callable[..., Discovery]
+) -> None:
+    lat, lng = -23.5505, -46.6333
+    live = await place(store, lat, lng, "active")
+    for state in ("cancelled", "stale_cancelled", "ended", "scheduled"):
+        await place(store, lat + 0.001, lng, state)
+    found = await discover().nearby(lat, lng, 5.0, 100)
+    assert [n.deal.id for n in found] == [live]
+
+
+async def test_neighbours_share_a_cell_entry_and_new_deals_appear_when_it_expires(
+    store: Store,
+    discover: Callable[..., Discovery],
+) -> None:
+    lat, lng = 51.5072, -0.1276
+    await place(store, lat, lng, "active")
+    clock = Clock()
+    d = discover(cache_s=30.0, cell_deg=0.01, clock=clock)
+    assert len(await d.nearby(51.5071, -0.1271, 3.0, 20)) == 1
+    assert len(await d.nearby(51.5079, -0.1279, 3.0, 20)) == 1  # same cell: a hit
+    assert (d.hits, d.misses) == (1, 1)
+    newer = await place(store, lat + 0.001, lng, "active")
+    clock.now += 31.0
+    found = await d.nearby(51.5071, -0.1271, 3.0, 20)
+    assert newer in {n.deal.id for n in found}
+    assert d.misses == 2
+
+
+async def test_terminal_deals_leave_the_index_when_seen_and_when_swept(
+    store: Store, discover: Callable[..., Discovery]
+) -> None:
+    """Ended deals nobody looked at are swept; scheduled and active ones stay."""
+    seen = await place(store, 1.0, 1.0, "ended")
+    unseen = [await place(store, -1.0, -1.0 - i * 0.01, "ended") for i in range(5)]
+    stale = await place(store, 20.0, 20.0, "stale_cancelled")
+    keep = [await place(store, 30.0, 30.0, s) for s in ("active", "scheduled")]
+    d = discover()
+    assert await d.nearby(1.0, 1.0, 1.0, 5) == []
+    await d.close()
+    geo = store.keys.for_deal(seen).geo
+    assert await store.client.zscore(geo, seen) is None
+    assert await d.sweep() == 6
+    for deal_id in [*unseen, stale]:
+        assert await store.client.zscore(store.keys.for_deal(deal_id).geo, deal_id) is None
+    for deal_id in keep:
+        assert await store.client.zscore(store.keys.for_deal(deal_id).geo, deal_id) is not None
+    assert await d.sweep() == 0
+
+
+async def test_the_sweep_lease_lets_one_process_sweep_a_partition(
+    store: Store, discover: Callable[..., Discovery]
+) -> None:
+    ended = await place(store, 5.0, 5.0, "ended")
+    a, b = discover(), discover()
+    assert await a.sweep(lease_ms=60_000) == 1
+    await place(store, 5.0, 5.1, "ended")
+    assert await b.sweep(lease_ms=60_000) == 0  # every partition's lease is held
+    assert await store.client.zscore(store.keys.for_deal(ended).geo, ended) is None
+
+
+async def test_an_unreachable_store_is_unavailable_not_a_bug(redis_url: str) -> None:
+    """Redis going away mid-query is a 503-shaped ``StoreUnavailable``, never a crash."""
+    store = await Store.connect(Settings(redis_url=redis_url, redis_timeout_s=0.2))
+    live = store.client
+    store.client = make_client(store.settings, f"redis://127.0.0.1:{free_port()}/0")
+    try:
+        with pytest.raises(StoreUnavailable):
+            await Discovery(store).nearby(1.0, 1.0, 1.0, 1)
+    finally:
+        await store.client.aclose()
+        store.client = live
+        await store.close()
