@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -52,6 +53,11 @@ async def metrics(request: Request) -> Response:
     lag = await _lag_or_none(request)
     if lag is not None:
         svc.metrics.stream_lag.set(lag)
+    if svc.records is not None:
+        with contextlib.suppress(Unavailable):  # PostgreSQL away: keep the last value
+            dead = await svc.records.dead_letter_count()
+            if dead is not None:
+                svc.metrics.dead_letters.set(dead)
     return Response(svc.metrics.render(), media_type=svc.metrics.content_type)
 
 

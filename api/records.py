@@ -60,3 +60,46 @@ class Records:
                 return bool(await conn.fetchval("SELECT 1") == 1)
         except DatabaseUnavailable:
             return False
+
+    async def user_vouchers(
+        self, user_id: str, limit: int, before: tuple[int, str] | None
+    ) -> list[Any]:
+        """A user's vouchers, newest first, strictly before ``(claimed_at_ms, id)``."""
+        async with self.connection() as conn:
+            if before is None:
+                return list(await conn.fetch(_USER_VOUCHERS, user_id, limit))
+            return list(await conn.fetch(_USER_VOUCHERS_BEFORE, user_id, limit, *before))
+
+    async def dead_letter_count(self) -> int | None:
+        """Rows in the persister's dead-letter table (None before the migrations ran)."""
+        async with self.connection() as conn:
+            try:
+                return int(await conn.fetchval("SELECT count(*) FROM dead_letters"))
+            except asyncpg.UndefinedTableError:
+                return None
+
+
+_USER_VOUCHERS_COLUMNS = """
+SELECT v.id, v.deal_id, v.user_id, v.seq, fs_to_ms(v.claimed_at) AS claimed_ms,
+       d.merchant_id, fs_to_ms(d.redeem_until) AS redeem_until_ms,
+       r.voucher_id IS NOT NULL AS redeemed
+FROM vouchers v
+JOIN deals d ON d.id = v.deal_id AND d.merchant_id IS NOT NULL
+LEFT JOIN redemptions r ON r.voucher_id = v.id
+WHERE v.user_id = $1
+"""
+_USER_VOUCHERS = (
+    _USER_VOUCHERS_COLUMNS
+    + """
+ORDER BY v.claimed_at DESC, v.id DESC
+LIMIT $2
+"""
+)
+_USER_VOUCHERS_BEFORE = (
+    _USER_VOUCHERS_COLUMNS
+    + """
+  AND (v.claimed_at, v.id) < (fs_ms($3), $4)
+ORDER BY v.claimed_at DESC, v.id DESC
+LIMIT $2
+"""
+)
