@@ -2,8 +2,8 @@
 
 Batch writes are ``INSERT ... SELECT FROM unnest(...) ON CONFLICT DO NOTHING``: one
 statement per table per batch, idempotent under redelivery. Rows are inserted in key
-order so that two persisters writing overlapping batches take locks in the same order
-(no deadlock).
+order (except vouchers, see there) so that two persisters writing overlapping batches
+take locks in the same order.
 """
 
 INSERT_DEALS = """
@@ -37,10 +37,11 @@ ON CONFLICT (id) DO UPDATE SET cancelled_at =
 INSERT_VOUCHERS = """
 WITH ins AS (
     INSERT INTO vouchers (id, deal_id, seq, user_id, claimed_at)
-    SELECT u.id, u.deal_id, u.seq, u.user_id, fs_ms(u.at)
+    SELECT u.id, u.deal_id, u.seq, u.user_id, timestamptz 'epoch' + u.at * interval '1 ms'
     FROM unnest($1::text[], $2::text[], $3::int8[], $4::text[], $5::int8[])
          AS u(id, deal_id, seq, user_id, at)
-    ORDER BY u.deal_id, u.seq
+    -- No ORDER BY on the hot path (it costs a quarter of the throughput): batches only
+    -- overlap on redelivery, and a deadlock there is retried as a transient clash.
     ON CONFLICT DO NOTHING
     RETURNING 1
 )
