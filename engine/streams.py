@@ -62,7 +62,7 @@ async def _partition_lag(store: Store, key: str) -> int:
                 # Unknown (the group was made on a stream with a trimmed history):
                 # count what lies after the group's last delivered entry.
                 last = str(g.get("last-delivered-id", "0-0"))
-                after = await store.client.xrange(key, min=f"({last}", max="+", count=1_000_000)
+                after = await store.client.xrange(key, min=f"({last}", max="+", count=100_000)
                 lag = len(after)
             return int(lag) + pending
     return int(await store.client.xlen(key))
