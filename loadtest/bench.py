@@ -1,0 +1,529 @@
+"""The side-by-side benchmark (``make bench``): flashsale next to what a team would build.
+
+One run, one table, on this machine: the ``/healthz`` ceiling of the HTTP stack, a claim
+storm (a hot deal of 2,000 vouchers, 30,000 distinct callers, most answers sold_out), a
+claim-success run (every request a new caller), discovery, and the persister's drain.
+Each next to the peers of ``loadtest/peers.py`` on the same stack and auth: (a) claims
+decided by PostgreSQL alone, (b) the seed's Redis-lock flow. Every server is started
+here (embedded Redis and PostgreSQL unless URLs are given; ``flashsale serve`` and the
+peers as subprocesses on free ports, with 1 and then 2 workers). The load generator is
+wrk (Debian's ``wrk``) with per-request distinct caller tokens; its CPU time is reported.
+
+    .venv/bin/python -m loadtest.bench            # about 4 minutes
+    .venv/bin/python -m loadtest.bench --quick    # about 1.5 minutes
+
+Not a test: it prints numbers, it asserts only that the answers were correct.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import hashlib
+import hmac
+import logging
+import os
+import platform
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import asyncpg
+import orjson
+import redis.asyncio as aioredis
+
+from engine.deals import NewDeal, create_deal
+from engine.settings import Settings
+from engine.store import Store
+from engine.streams import stream_lag
+from flashsale.embedded import EmbeddedPostgres, EmbeddedRedis, die_with_parent, free_port
+from loadtest.peers import PG_SCHEMA, seed_lock_deal
+from persister.db import Database, migrate
+from persister.worker import Persister
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+SECRET = "bench-secret-" + "b" * 48
+CENTER = (12.9716, 77.5946)
+STORM_INVENTORY = 2000
+STORM_CALLERS = 30_000
+SUCCESS_INVENTORY = 1_000_000
+DISCOVERY_DEALS = 2000
+DISCOVERY_SPREAD_DEG = 0.1
+ONE_MILLION_A_MINUTE = 1_000_000 / 60
+
+log = logging.getLogger("loadtest.bench")
+
+
+# -- tokens ---------------------------------------------------------------------------
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def mint_fast(secret: str, subs: Iterator[str], role: str = "user", ttl_s: int = 3600) -> list[str]:
+    """HS256 caller tokens, as ``api.auth.mint`` makes them, without pyjwt's per-call cost."""
+    head = _b64(orjson.dumps({"alg": "HS256", "typ": "JWT"}))
+    key = secret.encode()
+    now = int(time.time())
+    out = []
+    for sub in subs:
+        body = _b64(orjson.dumps({"sub": sub, "role": role, "iat": now, "exp": now + ttl_s}))
+        signing = f"{head}.{body}"
+        sig = _b64(hmac.new(key, signing.encode(), hashlib.sha256).digest())
+        out.append(f"{signing}.{sig}")
+    return out
+
+
+def write_tokens(path: Path, tokens: list[str]) -> Path:
+    path.write_text("\n".join(tokens) + "\n")
+    return path
+
+
+# -- wrk ------------------------------------------------------------------------------
+
+
+@dataclass
+class WrkResult:
+    """One wrk run: rates, statuses, latency, and the CPU the load generator used."""
+
+    label: str
+    requests: int
+    seconds: float
+    statuses: dict[int, int]
+    socket_errors: str
+    p50_ms: float
+    p99_ms: float
+    wrk_cpu_s: float
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+    def rate_of(self, status: int) -> float:
+        return self.statuses.get(status, 0) / self.seconds if self.seconds else 0.0
+
+    @property
+    def server_errors(self) -> int:
+        return sum(n for s, n in self.statuses.items() if s >= 500)
+
+    @property
+    def wrk_cpu_pct(self) -> float:
+        return 100 * self.wrk_cpu_s / self.seconds if self.seconds else 0.0
+
+
+def run_wrk(label: str, url: str, script: str, env: dict[str, str], seconds: float,
+            connections: int, threads: int = 1) -> WrkResult:  # fmt: skip
+    """Run wrk, wait for it with ``wait4`` (for its CPU time), parse what it printed."""
+    argv = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds:g}s",
+            "--timeout", "5s", "-s", str(HERE / script), url]  # fmt: skip
+    full_env = {**os.environ, "BENCH_THREADS": str(threads), **env}
+    with tempfile.TemporaryFile() as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=full_env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        text = out.read().decode(errors="replace")
+    if proc.returncode != 0:
+        raise RuntimeError(f"wrk failed ({proc.returncode}): {text}")
+    m = re.search(r"(\d+) requests in ([\d.]+)(us|ms|s|m),", text)
+    if not m:
+        raise RuntimeError(f"cannot read wrk's output: {text}")
+    unit = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}[m.group(3)]
+    statuses = {int(c): int(n) for c, n in re.findall(r"^status (\d+) (\d+)$", text, re.M)}
+    p50 = re.search(r"^latency_p50_us (\d+)$", text, re.M)
+    p99 = re.search(r"^latency_p99_us (\d+)$", text, re.M)
+    sock = re.search(r"Socket errors: (.*)", text)
+    return WrkResult(
+        label=label,
+        requests=int(m.group(1)),
+        seconds=float(m.group(2)) * unit,
+        statuses=statuses,
+        socket_errors=sock.group(1).strip() if sock else "",
+        p50_ms=int(p50.group(1)) / 1000 if p50 else 0.0,
+        p99_ms=int(p99.group(1)) / 1000 if p99 else 0.0,
+        wrk_cpu_s=usage.ru_utime + usage.ru_stime,
+    )
+
+
+# -- servers --------------------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    """An HTTP server subprocess on a free port (its whole process group is stopped)."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, log_dir: Path) -> Server:
+        self.log_path = log_dir / f"{self.name}-{self.port}.log"
+        with open(self.log_path, "wb") as logf:
+            self.proc = subprocess.Popen(
+                [*self.argv, "--port", str(self.port)], env=self.env, stdout=logf,
+                stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
+                preexec_fn=lambda: die_with_parent(signal.SIGTERM),
+            )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited; see {self.log_path}")
+            with (
+                contextlib.suppress(OSError),
+                urllib.request.urlopen(self.url + "/healthz", timeout=1) as resp,
+            ):
+                if resp.status == 200:
+                    return self
+            time.sleep(0.1)
+        raise RuntimeError(f"{self.name} did not answer /healthz; see {self.log_path}")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+
+
+# -- deals ----------------------------------------------------------------------------
+
+
+@dataclass
+class Backends:
+    redis_url: str
+    database_url: str
+    settings: Settings
+
+
+def _window_ms() -> tuple[int, int, int]:
+    now = int(time.time() * 1000)
+    return now - 60_000, now + 6 * 3_600_000, now + 7 * 86_400_000
+
+
+async def new_deals(b: Backends, inventory: int, tag: str) -> dict[str, str]:
+    """One fresh deal per system, each with ``inventory`` vouchers: {system: deal id}."""
+    starts, ends, redeem = _window_ms()
+    store = await Store.connect(b.settings)
+    try:
+        new = NewDeal("m-bench", f"bench {tag}", "", CENTER[0] + 1, CENTER[1] + 1, inventory,
+                      starts, ends, redeem)  # fmt: skip
+        deal = await create_deal(store, new)
+    finally:
+        await store.close()
+    peer_id = f"d_peer_{tag}_{random.getrandbits(40):x}"
+    conn = await asyncpg.connect(b.database_url)
+    try:
+        await conn.execute(
+            "INSERT INTO peer_deals (id, merchant_id, title, lat, lng, inventory_total,"
+            " inventory_left, starts_at, ends_at, redeem_until) VALUES ($1, 'm-bench', $2,"
+            " $3, $4, $5, $5, fs_ms($6), fs_ms($7), fs_ms($8))",
+            peer_id, f"bench {tag}", CENTER[0] + 1, CENTER[1] + 1, inventory, starts, ends,
+            redeem,
+        )  # fmt: skip
+    finally:
+        await conn.close()
+    r = aioredis.Redis.from_url(b.redis_url, decode_responses=True)
+    try:
+        await seed_lock_deal(r, peer_id, "m-bench", inventory, starts, ends, redeem)
+    finally:
+        await r.aclose()
+    return {"flashsale": deal.id, "pg": peer_id, "lock": peer_id}
+
+
+async def seed_discovery(b: Backends, count: int) -> None:
+    """The same ``count`` active deals around the centre, in flashsale and in the peers."""
+    starts, ends, redeem = _window_ms()
+    rng = random.Random(42)
+    points = [(CENTER[0] + rng.uniform(-DISCOVERY_SPREAD_DEG, DISCOVERY_SPREAD_DEG),
+               CENTER[1] + rng.uniform(-DISCOVERY_SPREAD_DEG, DISCOVERY_SPREAD_DEG))
+              for _ in range(count)]  # fmt: skip
+    store = await Store.connect(b.settings)
+    try:
+        await asyncio.gather(*(
+            create_deal(store, NewDeal("m-bench", f"shop {i}", "", lat, lng, 1000, starts,
+                                       ends, redeem))
+            for i, (lat, lng) in enumerate(points)))  # fmt: skip
+    finally:
+        await store.close()
+    conn = await asyncpg.connect(b.database_url)
+    try:
+        await conn.executemany(
+            "INSERT INTO peer_deals (id, merchant_id, title, lat, lng, inventory_total,"
+            " inventory_left, starts_at, ends_at, redeem_until) VALUES ($1, 'm-bench', $2,"
+            " $3, $4, 1000, 1000, fs_ms($5), fs_ms($6), fs_ms($7))",
+            [(f"d_shop{i}", f"shop {i}", lat, lng, starts, ends, redeem)
+             for i, (lat, lng) in enumerate(points)],
+        )  # fmt: skip
+        await conn.execute("ANALYZE peer_deals")
+    finally:
+        await conn.close()
+
+
+async def prepare_database(url: str) -> None:
+    await migrate(url)
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(PG_SCHEMA)
+    finally:
+        await conn.close()
+
+
+async def drain(b: Backends) -> tuple[int, float]:
+    """Run one persister over every claim the run left in the streams: (rows, rows/s)."""
+    store = await Store.connect(b.settings)
+    db = Database(b.database_url)
+    await db.open()
+    try:
+        rows = await stream_lag(store)
+        p = Persister(b.settings, store, db, "bench-drain")
+        started = time.perf_counter()
+        task = asyncio.create_task(p.run())
+        while await stream_lag(store):  # noqa: ASYNC110 - polling Redis, not an event
+            await asyncio.sleep(0.02)
+        elapsed = time.perf_counter() - started
+        p.stop()
+        await task
+    finally:
+        await db.close()
+        await store.close()
+    return rows, rows / elapsed if elapsed else 0.0
+
+
+# -- the run --------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    seconds: float
+    connections: int
+    workers: list[int]
+    success_tokens: int
+
+
+@dataclass
+class Row:
+    scenario: str
+    workers: int
+    results: dict[str, WrkResult]
+
+
+def _systems(b: Backends, keys_dir: Path, workers: int) -> dict[str, Server]:
+    env = {**os.environ, "FLASHSALE_REDIS_URL": b.redis_url,
+           "FLASHSALE_DATABASE_URL": b.database_url, "FLASHSALE_AUTH_SECRET": SECRET,
+           "FLASHSALE_KEYS_DIR": str(keys_dir), "FLASHSALE_DATA_DIR": str(keys_dir.parent),
+           "BENCH_REDIS_URL": b.redis_url, "BENCH_DATABASE_URL": b.database_url,
+           "PYTHONPATH": str(ROOT)}  # fmt: skip
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # `flashsale serve` sets it for 2+ workers
+    fs_argv = [sys.executable, "-m", "flashsale", "serve", "--workers", str(workers)]
+    peer = [sys.executable, "-m", "loadtest.peers"]
+    return {
+        "flashsale": Server("flashsale", fs_argv, env),
+        "pg": Server("pg", [*peer, "pg", "--workers", str(workers)], env),
+        "lock": Server("lock", [*peer, "lock", "--workers", str(workers)], env),
+    }
+
+
+def run_workers(b: Backends, plan: Plan, workers: int, tmp: Path,
+                storm_file: Path, success_file: Path) -> list[Row]:  # fmt: skip
+    keys_dir = tmp / "data" / "keys"
+    systems = _systems(b, keys_dir, workers)
+    rows: list[Row] = []
+    secs, conns = plan.seconds, plan.connections
+    try:
+        for s in systems.values():
+            s.start(tmp)
+        fs = systems["flashsale"]
+        print(f"  {workers} worker(s): /healthz", flush=True)
+        run_wrk("warm-up", fs.url + "/healthz", "wrk_get.lua", {"BENCH_PATH": "/healthz"},
+                1, conns)  # fmt: skip
+        health = {name: run_wrk("healthz", s.url + "/healthz", "wrk_get.lua",
+                                {"BENCH_PATH": "/healthz"}, secs, conns)
+                  for name, s in systems.items()}  # fmt: skip
+        rows.append(Row("/healthz", workers, health))
+        for scenario, inventory, tokens in (
+            ("claim storm", STORM_INVENTORY, storm_file),
+            ("claim success", SUCCESS_INVENTORY, success_file),
+        ):
+            print(f"  {workers} worker(s): {scenario}", flush=True)
+            deals = asyncio.run(new_deals(b, inventory, f"{scenario[6:]}{workers}"))
+            results = {}
+            for name, s in systems.items():
+                path = f"/v1/deals/{deals[name]}/claims"
+                results[name] = run_wrk(scenario, s.url + path, "wrk_claim.lua",
+                                        {"BENCH_PATH": path, "BENCH_TOKENS": str(tokens)},
+                                        secs, conns)  # fmt: skip
+            rows.append(Row(scenario, workers, results))
+        print(f"  {workers} worker(s): discovery", flush=True)
+        env = {"BENCH_CENTER": f"{CENTER[0]},{CENTER[1]}",
+               "BENCH_SPREAD": str(DISCOVERY_SPREAD_DEG)}  # fmt: skip
+        rows.append(Row("discovery", workers, {
+            name: run_wrk("discovery", s.url + "/v1/deals", "wrk_get.lua", env, secs, conns)
+            for name, s in systems.items()}))  # fmt: skip
+    finally:
+        for s in systems.values():
+            s.stop()
+    return rows
+
+
+def _fmt(x: float) -> str:
+    return f"{x:,.0f}"
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.1f}x" if b else "-"
+
+
+def _rate(row: Row, name: str) -> float:
+    r = row.results[name]
+    return r.rate_of(201) if row.scenario == "claim success" else r.rps
+
+
+def _answers(r: WrkResult) -> str:
+    parts = [f"{n:,}x{s}" for s, n in sorted(r.statuses.items())]
+    if r.socket_errors:
+        parts.append(f"socket errors: {r.socket_errors}")
+    return ", ".join(parts)
+
+
+def report(rows: list[Row], drained: tuple[int, float], plan: Plan, cmd: str) -> list[str]:
+    """The markdown table and the verdicts; also returns the problems found."""
+    problems: list[str] = []
+    print(f"\n`{cmd}` on {os.cpu_count()} cores ({platform.processor() or platform.machine()}), "
+          f"{plan.seconds:g} s per cell, wrk -t1 -c{plan.connections}, "
+          f"{time.strftime('%Y-%m-%d')}\n")  # fmt: skip
+    print(
+        "| scenario | workers | flashsale req/s | (a) PostgreSQL req/s | (b) Redis lock req/s "
+        "| flashsale / (a) | flashsale / (b) | flashsale p99 ms | wrk CPU (of one core) |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for row in rows:
+        fs, a, b = (_rate(row, n) for n in ("flashsale", "pg", "lock"))
+        r = row.results["flashsale"]
+        name = row.scenario + (" (new vouchers/s)" if row.scenario == "claim success" else "")
+        if row.scenario == "/healthz":
+            a_txt, b_txt = "(same stack)", "(same stack)"
+            ra, rb = _ratio(fs, a), _ratio(fs, b)
+        else:
+            a_txt, b_txt, ra, rb = _fmt(a), _fmt(b), _ratio(fs, a), _ratio(fs, b)
+        print(f"| {name} | {row.workers} | {_fmt(fs)} | {a_txt} | {b_txt} | {ra} | {rb} "
+              f"| {r.p99_ms:.1f} | {r.wrk_cpu_pct:.0f}% |")  # fmt: skip
+        for sysname, res in row.results.items():
+            if res.server_errors:
+                problems.append(f"{row.scenario} {row.workers}w {sysname}: "
+                                f"{res.server_errors} 5xx")  # fmt: skip
+            issued = res.statuses.get(201, 0)
+            if row.scenario == "claim storm" and issued > STORM_INVENTORY:
+                problems.append(f"claim storm {row.workers}w {sysname}: oversold, "
+                                f"{issued} vouchers for {STORM_INVENTORY}")  # fmt: skip
+    rows_n, rate = drained
+    print(f"| persister drain (rows/s into PostgreSQL, fsync on) | 1 process | {_fmt(rate)} "
+          f"| (claims are written synchronously) | - | - | - | - | - |")  # fmt: skip
+    print("\nAnswers by status (flashsale | (a) | (b)):\n")
+    for row in rows:
+        if row.scenario.startswith("claim"):
+            answers = " | ".join(_answers(row.results[n]) for n in ("flashsale", "pg", "lock"))
+            print(f"- {row.scenario}, {row.workers} worker(s): {answers}")
+    print(f"- persister drain: {rows_n:,} stream entries (every deal and voucher of the run)")
+    print("\nTargets:\n")
+    for w in sorted({r.workers for r in rows}):
+        by = {r.scenario: r for r in rows if r.workers == w}
+        if not {"/healthz", "claim storm", "claim success"} <= by.keys():
+            continue
+        health = _rate(by["/healthz"], "flashsale")
+        storm = _rate(by["claim storm"], "flashsale")
+        success, success_a = (
+            _rate(by["claim success"], "flashsale"),
+            _rate(by["claim success"], "pg"),
+        )
+        verdict = "met" if storm >= health / 2 else "NOT met"
+        print(f"- {w} worker(s): claim storm {_fmt(storm)}/s = {storm / health:.2f} of /healthz "
+              f"({_fmt(health)}/s); target 0.5: {verdict}")  # fmt: skip
+        verdict = "met" if success >= 3 * success_a else "NOT met"
+        times = _ratio(success, success_a)
+        print(f"- {w} worker(s): claim success {_fmt(success)}/s = {times} peer (a) "
+              f"({_fmt(success_a)}/s); target 3x: {verdict}")  # fmt: skip
+        print(f"- {w} worker(s): claim storm {_fmt(storm)}/s against 16.7k/s (1 million a "
+              f"minute): {100 * storm / ONE_MILLION_A_MINUTE:.0f}%, load generator included on "
+              f"the same {os.cpu_count()} cores")  # fmt: skip
+    for p in problems:
+        print(f"- PROBLEM: {p}")
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="3 s cells (about 1.5 minutes)")
+    p.add_argument("--seconds", type=float, help="seconds per cell (default 8, quick 3)")
+    p.add_argument("--connections", type=int, default=256)
+    p.add_argument("--workers", default="1,2", help="worker counts to compare, e.g. 1,2")
+    p.add_argument("--redis-url", default=os.environ.get("BENCH_REDIS_URL"))
+    p.add_argument("--database-url", default=os.environ.get("BENCH_DATABASE_URL"))
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    if shutil.which("wrk") is None:
+        print("loadtest.bench needs wrk (Debian: apt-get install wrk)", file=sys.stderr)
+        return 2
+    seconds = args.seconds or (3.0 if args.quick else 8.0)
+    plan = Plan(seconds, args.connections, [int(w) for w in args.workers.split(",")],
+                success_tokens=int(max(seconds, 3) * 25_000))  # fmt: skip
+    cmd = "python -m loadtest.bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    started = time.monotonic()
+    with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="flashsale-bench-")))
+        redis_url, database_url = args.redis_url, args.database_url
+        if not redis_url:
+            redis = EmbeddedRedis(tmp / "redis").start()
+            stack.callback(redis.stop)
+            redis_url = redis.url
+        if not database_url:
+            pg = EmbeddedPostgres(tmp / "pg").start()  # durable: fsync on
+            stack.callback(pg.stop)
+            database_url = pg.url
+        settings = Settings(redis_url=redis_url, database_url=database_url, auth_secret=SECRET,
+                            data_dir=tmp / "data")  # fmt: skip
+        b = Backends(redis_url, database_url, settings)
+        print("preparing: migrations, peer schema, discovery deals, tokens", flush=True)
+        asyncio.run(prepare_database(database_url))
+        asyncio.run(seed_discovery(b, DISCOVERY_DEALS))
+        run_id = f"{random.getrandbits(32):x}"
+        storm_file = write_tokens(tmp / "storm.tokens", mint_fast(
+            SECRET, (f"s{run_id}-{i}" for i in range(STORM_CALLERS))))  # fmt: skip
+        success_file = write_tokens(tmp / "success.tokens", mint_fast(
+            SECRET, (f"n{run_id}-{i}" for i in range(plan.success_tokens))))  # fmt: skip
+        rows: list[Row] = []
+        for w in plan.workers:
+            rows += run_workers(b, plan, w, tmp, storm_file, success_file)
+        print("  persister drain", flush=True)
+        drained = asyncio.run(drain(b))
+        problems = report(rows, drained, plan, cmd.strip())
+    print(f"\n(whole run: {time.monotonic() - started:.0f} s)")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
