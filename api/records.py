@@ -53,6 +53,9 @@ class Records:
                     yield conn
         except _DOWN as exc:
             raise DatabaseUnavailable() from exc
+        except asyncpg.UndefinedTableError as exc:
+            # Deployed before `flashsale migrate` ran: not ready, not our bug per request.
+            raise DatabaseUnavailable("The database has not been migrated yet.") from exc
 
     async def ping(self) -> bool:
         try:

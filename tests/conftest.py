@@ -57,6 +57,17 @@ def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         server.stop()
 
 
+@pytest.fixture(scope="session")
+def migrated_database_url(database_url: str) -> str:
+    """The session's PostgreSQL with the schema migrated (once)."""
+    import asyncio
+
+    from persister.db import migrate
+
+    asyncio.run(migrate(database_url))
+    return database_url
+
+
 @pytest.fixture
 def own_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
     """A Redis of this test's own, which the test may stop, kill and restart."""

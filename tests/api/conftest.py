@@ -82,10 +82,12 @@ def make_api(tmp_path: Path) -> Iterator[Callable[..., RunningApi]]:
 
 
 @pytest.fixture
-def api(make_api: Callable[..., RunningApi], redis_url: str, database_url: str) -> RunningApi:
-    """The API on the session's Redis (flushed) and PostgreSQL."""
+def api(
+    make_api: Callable[..., RunningApi], redis_url: str, migrated_database_url: str
+) -> RunningApi:
+    """The API on the session's Redis (flushed) and migrated PostgreSQL."""
     flush(redis_url, False)
-    return make_api(Settings(redis_url=redis_url, database_url=database_url))
+    return make_api(Settings(redis_url=redis_url, database_url=migrated_database_url))
 
 
 @pytest.fixture
