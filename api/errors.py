@@ -14,6 +14,7 @@ from typing import Any
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Route
 
 from api.jsonio import json
 from engine.errors import FlashsaleError, RateLimited, Unavailable
@@ -47,9 +48,19 @@ async def on_http_exception(request: Request, exc: Exception) -> Response:
     code, message = _HTTP_CODES.get(exc.status_code, ("error", str(exc.detail)))
     details: dict[str, Any] = {}
     headers = dict(exc.headers or {})
-    if exc.status_code == 405 and "Allow" in headers:
-        details["allow"] = headers["Allow"]
+    if exc.status_code == 405:
+        # Starlette names only the first matching route's methods; one path may be
+        # served by several routes (GET and POST /v1/deals live in different areas).
+        headers["Allow"] = details["allow"] = _allowed(request) or headers.get("Allow", "")
     return json(error_body(code, message, details), exc.status_code, headers)
+
+
+def _allowed(request: Request) -> str:
+    methods: set[str] = set()
+    for route in getattr(request.app, "routes", ()):
+        if isinstance(route, Route) and route.path_regex.match(request.url.path):
+            methods |= set(route.methods or ())
+    return ", ".join(sorted(methods))
 
 
 async def on_bug(request: Request, exc: Exception) -> Response:

@@ -277,3 +277,11 @@ def test_chunked_body_over_limit_is_refused(api: RunningApi, client: httpx.Clien
         **api.auth("merchant", "m-1"), "Content-Type": "application/json"})  # fmt: skip
     assert r.status_code == 413
     assert r.json()["error"]["code"] == "payload_too_large"
+
+
+def test_405_names_every_method_of_the_path(client: httpx.Client) -> None:
+    """GET and POST /v1/deals live in different area modules; Allow names both."""
+    r = client.delete("/v1/deals")
+    assert r.status_code == 405
+    assert set(r.headers["Allow"].split(", ")) >= {"GET", "POST"}
+    assert r.json()["error"]["details"]["allow"] == r.headers["Allow"]
