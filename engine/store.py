@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
+import hiredis
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
 from redis.asyncio.cluster import RedisCluster
@@ -237,14 +239,20 @@ class Store:
 
     async def _send(self, calls: list[_Call], *, by_sha: bool) -> list[_Call]:
         """Send calls as one pipeline; settle them; return those that met NOSCRIPT."""
-        pipe = self.client.pipeline(transaction=False)
+        commands: list[tuple[Any, ...]] = []
         for call in calls:
             s = call.script
             head = ("EVALSHA", s.sha) if by_sha else ("EVAL", s.source)
-            pipe.execute_command(*head, len(call.keys), *call.keys, *call.args)
+            commands.append((*head, len(call.keys), *call.keys, *call.args))
         if self._durable:
-            pipe.execute_command("WAITAOF", 1, 0, self.settings.waitaof_timeout_ms)
-        results = await pipe.execute(raise_on_error=False)
+            commands.append(("WAITAOF", 1, 0, self.settings.waitaof_timeout_ms))
+        if self.settings.redis_cluster:
+            pipe = self.client.pipeline(transaction=False)
+            for command in commands:
+                pipe.execute_command(*command)
+            results = await pipe.execute(raise_on_error=False)
+        else:
+            results = await self._send_raw(commands)
         durable_error: BaseException | None = None
         if self._durable:
             ack = results.pop()
@@ -263,6 +271,38 @@ class Store:
             else:
                 _settle(call, result=result)
         return retry
+
+    async def _send_raw(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """One round trip on one pooled connection, packed by hiredis, one read timeout.
+
+        redis-py's pipeline packs each argument in Python and arms a timeout per reply:
+        on the claim path that was most of the CPU (see loadtest/bench_engine.py).
+        """
+        packed = [hiredis.pack_command(command) for command in commands]
+        pool = self.client.connection_pool
+        for attempt in (1, 2):
+            conn = await pool.get_connection()
+            sent = False
+            try:
+                async with asyncio.timeout(self.settings.redis_timeout_s):
+                    await conn.send_packed_command(packed, check_health=False)
+                    sent = True
+                    results: list[Any] = []
+                    for _ in packed:
+                        try:
+                            results.append(await conn.read_response(timeout=math.inf))
+                        except rexc.ResponseError as exc:  # an error reply; read on
+                            results.append(exc)
+                return results
+            except BaseException as exc:
+                await conn.disconnect(nowait=True)
+                # A connection gone stale across a Redis restart fails on send: nothing
+                # reached Redis, so one more try on a fresh connection is safe.
+                if sent or attempt == 2 or not isinstance(exc, _UNAVAILABLE):
+                    raise
+            finally:
+                await pool.release(conn)
+        raise AssertionError("unreachable")
 
 
 def _settle(call: _Call, *, result: Any = None, exc: BaseException | None = None) -> None:
