@@ -72,7 +72,7 @@ async def ceiling(store: Store, host: str, port: int, n: int, batch: int = 1000)
                 f"v{i:016x}.{deal.id}",
                 cap,
                 deal.id,
-            )  # fmt: skip
+            )
             for i in range(start, min(start + batch, n))
         )
         for start in range(0, n, batch)
