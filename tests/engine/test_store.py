@@ -103,3 +103,22 @@ async def test_aof_durability_refused_without_appendonly(tmp_path) -> None:  # t
             await Store.connect(Settings(redis_url=server.url, durability="aof"))
     finally:
         server.stop()
+
+
+async def test_aof_durability_needs_waitaof_on_the_server(redis_url: str) -> None:
+    """A server without WAITAOF (Redis < 7.2, e.g. CI's Redis 7.0 pass) refuses aof mode."""
+    import redis.asyncio as aioredis
+    import redis.exceptions
+
+    probe = aioredis.Redis.from_url(redis_url)
+    try:
+        await probe.execute_command("WAITAOF", 0, 0, 0)
+        has_waitaof = True
+    except redis.exceptions.ResponseError as exc:
+        has_waitaof = "unknown command" not in str(exc).lower()
+    finally:
+        await probe.aclose()
+    if has_waitaof:
+        pytest.skip("this server has WAITAOF: the refusal is exercised by the Redis 7.0 pass")
+    with pytest.raises(StartupError, match="needs WAITAOF"):
+        await Store.connect(Settings(redis_url=redis_url, durability="aof"))
