@@ -7,11 +7,12 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from api.app import services
+from api.errors import error_response
 from api.jsonio import json, read_json_object
 from api.validation import LAT_MAX, Fields, valid_id
 from engine import claims
 from engine.deals import NewDeal, cancel_deal, create_deal, get_deal
-from engine.errors import DealNotFound, FlashsaleError
+from engine.errors import ClientError, DealNotFound, Unavailable
 from engine.times import MS_PER_DAY, now_ms
 from engine.vouchers import voucher_json
 
@@ -110,10 +111,12 @@ async def claim(request: Request) -> Response:
     caller = svc.auth.require(request.headers.get("authorization"), "user")
     try:
         result = await claims.claim(svc.store, _deal_id(request), caller.id)
-    except FlashsaleError as exc:
-        svc.metrics.claims.labels(exc.code).inc()
-        raise
-    svc.metrics.claims.labels(result.outcome).inc()
+    except (ClientError, Unavailable) as exc:
+        svc.metrics.claimed(exc.code)
+        # Most answers of a storm are refusals: answer here rather than unwinding
+        # through Starlette's exception middleware (a measurable share of a claim).
+        return error_response(exc)
+    svc.metrics.claimed(result.outcome)
     token = svc.signer.sign(result)
     return json(
         {"voucher": voucher_json(result, token), "inventory_left": result.inventory_left},

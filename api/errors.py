@@ -33,14 +33,19 @@ def error_body(code: str, message: str, details: dict[str, Any] | None = None) -
     return {"error": {"code": code, "message": message, "details": details or {}}}
 
 
-async def on_flashsale_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, FlashsaleError)
+def error_response(exc: FlashsaleError) -> Response:
+    """The JSON error answer of a deliberate error (a client's mistake or a 503)."""
     headers = {}
     if isinstance(exc, Unavailable | RateLimited):
         headers["Retry-After"] = str(exc.retry_after_s)
+    return json(error_body(exc.code, exc.message, exc.details), exc.status, headers)
+
+
+async def on_flashsale_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, FlashsaleError)
     if exc.status >= 500 and not isinstance(exc, Unavailable):
         return await on_bug(request, exc)
-    return json(error_body(exc.code, exc.message, exc.details), exc.status, headers)
+    return error_response(exc)
 
 
 async def on_http_exception(request: Request, exc: Exception) -> Response:

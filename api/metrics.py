@@ -64,6 +64,15 @@ class Metrics:
             multiprocess_mode="max",
         )
 
+        self._claim_children: dict[str, Any] = {}
+
+    def claimed(self, outcome: str) -> None:
+        """Count one claim outcome (children cached: this is on the claim path)."""
+        child = self._claim_children.get(outcome)
+        if child is None:
+            child = self._claim_children[outcome] = self.claims.labels(outcome)
+        child.inc()
+
     def render(self) -> bytes:
         if self.multiprocess:
             registry = CollectorRegistry()
@@ -78,6 +87,17 @@ class MetricsMiddleware:
     def __init__(self, app: Any, metrics: Metrics) -> None:
         self.app = app
         self.metrics = metrics
+        # labels() takes a lock and builds a key on every call: keep the children.
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+    def _child(self, template: str, method: str, status: int) -> tuple[Any, Any]:
+        key = (template, method, status)
+        child = self._children.get(key)
+        if child is None:
+            m = self.metrics
+            child = (m.requests.labels(template, method, str(status)), m.latency.labels(template))
+            self._children[key] = child
+        return child
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -97,5 +117,6 @@ class MetricsMiddleware:
         finally:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
-            self.metrics.requests.labels(template, scope["method"], str(status)).inc()
-            self.metrics.latency.labels(template).observe(time.perf_counter() - started)
+            requests, latency = self._child(template, scope["method"], status)
+            requests.inc()
+            latency.observe(time.perf_counter() - started)
