@@ -1,0 +1,146 @@
+"""The `flashsale` command as a user runs it: up, serve, token, help."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import jwt
+import pytest
+
+from flashsale.embedded import free_port
+
+FLASHSALE = [sys.executable, "-m", "flashsale"]
+
+
+def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLASHSALE_")}
+    env["FLASHSALE_DATA_DIR"] = str(tmp_path / "data")
+    env.update(extra)
+    return env
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the command exited early"
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("never became healthy")
+
+
+def _children(pid: int) -> set[int]:
+    out = subprocess.run(["ps", "-e", "-o", "pid=,ppid="], capture_output=True, text=True)
+    tree: dict[int, list[int]] = {}
+    for line in out.stdout.splitlines():
+        child, parent = (int(x) for x in line.split())
+        tree.setdefault(parent, []).append(child)
+    found, todo = set(), [pid]
+    while todo:
+        for c in tree.get(todo.pop(), []):
+            found.add(c)
+            todo.append(c)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().split(")")[-1].split()[0] != "Z"
+
+
+def test_help_lists_every_command() -> None:
+    out = subprocess.run([*FLASHSALE, "--help"], capture_output=True, text=True, check=True)
+    for command in ("up", "serve", "persist", "migrate", "replay", "reconcile",
+                    "rebuild-redis", "token", "keys", "verifier"):  # fmt: skip
+        assert command in out.stdout
+
+
+def test_token_prints_a_caller_token_signed_with_the_secret(tmp_path: Path) -> None:
+    secret = "t" * 40
+    out = subprocess.run(
+        [*FLASHSALE, "token", "--role", "merchant", "--sub", "m-7", "--ttl", "15m"],
+        capture_output=True, text=True, check=True,
+        env=_env(tmp_path, FLASHSALE_AUTH_SECRET=secret),
+    )  # fmt: skip
+    claims = jwt.decode(out.stdout.strip(), secret, algorithms=["HS256"])
+    assert (claims["sub"], claims["role"]) == ("m-7", "merchant")
+    assert 850 <= claims["exp"] - time.time() <= 900
+
+
+def test_token_without_a_secret_uses_one_generated_into_the_data_dir(tmp_path: Path) -> None:
+    run = [*FLASHSALE, "token", "--role", "user", "--sub", "u-1"]
+    first = subprocess.run(run, capture_output=True, text=True, check=True, env=_env(tmp_path))
+    secret_file = tmp_path / "data" / "auth_secret"
+    assert oct(secret_file.stat().st_mode & 0o777) == "0o600"
+    secret = secret_file.read_text().strip()
+    assert len(secret) >= 32
+    assert jwt.decode(first.stdout.strip(), secret, algorithms=["HS256"])["sub"] == "u-1"
+
+
+def test_serve_answers_and_stops_on_sigterm(tmp_path: Path, redis_url: str) -> None:
+    port = free_port()
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [*FLASHSALE, "serve", "--port", str(port)],
+            env=_env(tmp_path, FLASHSALE_REDIS_URL=redis_url, FLASHSALE_AUTH_SECRET="s" * 40),
+            stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        _wait_healthy(f"http://127.0.0.1:{port}", proc)
+        proc.send_signal(signal.SIGTERM)
+        # uvicorn shuts down gracefully, then re-raises the signal it caught.
+        assert proc.wait(15) in (0, -signal.SIGTERM)
+        text = log.read_text()
+        assert "Application shutdown complete" in text and "Traceback" not in text
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if proc.stdout:
+            proc.stdout.close()
+
+
+@pytest.mark.timeout(180)
+def test_up_starts_everything_answers_and_ctrl_c_stops_all(tmp_path: Path) -> None:
+    """`flashsale up --demo` with nothing set: embedded servers, API, persister; Ctrl-C."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [*FLASHSALE, "up", "--demo", "--port", str(port)],
+        env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_healthy(url, proc, 120)
+        ready = httpx.get(f"{url}/readyz", timeout=5).json()
+        assert ready["checks"] == {"redis": "ok", "postgres": "ok"}
+        nearby = httpx.get(f"{url}/v1/deals", params={"lat": 12.9716, "lng": 77.5946}).json()
+        assert nearby["count"] >= 3
+        children = _children(proc.pid)
+        assert len(children) >= 3  # Valkey, PostgreSQL (and its workers), the persister
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) in (0, 130)  # 130: the shell's code for Ctrl-C
+        output = proc.stdout.read().decode() if proc.stdout else ""
+        assert "USER_TOKEN" in output and "flashsale up: stopped" in output
+        deadline = time.monotonic() + 10
+        while any(_alive(c) for c in children) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [c for c in children if _alive(c)], "a child outlived `flashsale up`"
+        assert not (tmp_path / "data" / "servers.json").exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if proc.stdout:
+            proc.stdout.close()
