@@ -21,8 +21,8 @@ from engine.errors import Forbidden, Unauthenticated
 
 ALGORITHM = "HS256"
 ROLES = ("user", "merchant", "admin")
-MAX_ID_LEN = 64
 _B64URL = re.compile(r"[A-Za-z0-9_-]+")
+_ID = re.compile(r"[A-Za-z0-9._~-]{1,64}")  # identifiers are URL-safe (API.md)
 
 
 def _unb64(segment: str) -> bytes:
@@ -44,6 +44,8 @@ def mint(secret: str, sub: str, role: str, ttl_s: float = 3600.0) -> str:
     """A caller token, as ``flashsale token`` prints it."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}")
+    if not _ID.fullmatch(sub):
+        raise ValueError("sub must be 1..64 URL-safe characters (A-Z a-z 0-9 . _ ~ -)")
     now = int(time.time())
     return jwt.encode(
         {"sub": sub, "role": role, "iat": now, "exp": now + int(ttl_s)}, secret, ALGORITHM
@@ -119,8 +121,8 @@ class Authenticator:
                                 or nbf > now):  # fmt: skip
             raise Unauthenticated("The token is not valid yet.")
         sub, role = claims.get("sub"), claims.get("role")
-        if not isinstance(sub, str) or not 0 < len(sub) <= MAX_ID_LEN:
-            raise Unauthenticated("The token's sub must be a string of 1..64 characters.")
+        if not isinstance(sub, str) or not _ID.fullmatch(sub):
+            raise Unauthenticated("The token's sub must be 1..64 URL-safe characters.")
         if role not in ROLES:
             raise Unauthenticated(f"The token's role must be one of {', '.join(ROLES)}.")
         return Caller(sub, role, float(exp))

@@ -95,14 +95,8 @@ async def read(request: Request) -> Response:
 
 async def cancel(request: Request) -> Response:
     svc = services(request)
-    caller = svc.auth.require(request.headers.get("authorization"), "merchant", "admin")
-    deal_id = _deal_id(request)
-    if caller.role == "admin":
-        # An admin may cancel any deal (abuse, fraud): act as its owner.
-        owner = (await get_deal(svc.store, deal_id)).merchant_id
-        deal = await cancel_deal(svc.store, deal_id, owner)
-    else:
-        deal = await cancel_deal(svc.store, deal_id, caller.id)
+    caller = svc.auth.require(request.headers.get("authorization"), "merchant")
+    deal = await cancel_deal(svc.store, _deal_id(request), caller.id)
     return json({"deal": deal.to_json()})
 
 

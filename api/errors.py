@@ -17,7 +17,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from api.jsonio import json
-from engine.errors import FlashsaleError, RateLimited, Unavailable
+from engine.errors import FlashsaleError, Unavailable
 
 log = logging.getLogger("flashsale.api")
 
@@ -36,7 +36,7 @@ def error_body(code: str, message: str, details: dict[str, Any] | None = None) -
 def error_response(exc: FlashsaleError) -> Response:
     """The JSON error answer of a deliberate error (a client's mistake or a 503)."""
     headers = {}
-    if isinstance(exc, Unavailable | RateLimited):
+    if isinstance(exc, Unavailable):
         headers["Retry-After"] = str(exc.retry_after_s)
     return json(error_body(exc.code, exc.message, exc.details), exc.status, headers)
 

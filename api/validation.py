@@ -10,7 +10,11 @@ from engine.errors import InvalidRequest
 from engine.times import parse_rfc3339
 
 LAT_MAX = 85.05112878  # the band a Redis geo index can hold
+# Times we accept leave room for the derived ones (redeem_until = ends_at + 7 days) to
+# stay printable as RFC 3339 (years up to 9999).
+LAST_MS = 253_399_622_400_000  # 9999-12-01T00:00:00Z
 ID_RE = re.compile(r"^[A-Za-z0-9._~-]{1,64}$")
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # C0 and DEL, but tab and newlines
 
 
 def valid_id(value: str) -> bool:
@@ -46,6 +50,10 @@ class Fields:
             value.encode("utf-8")
         except UnicodeEncodeError:
             self.problems[name] = "must be valid Unicode (no lone surrogates)"
+            return None
+        if _CONTROL.search(value):
+            # PostgreSQL text cannot hold NUL: such a deal would never be persisted.
+            self.problems[name] = "must not contain control characters"
             return None
         if not min_len <= len(value) <= max_len:
             self.problems[name] = f"must be {min_len}..{max_len} characters"
@@ -91,10 +99,14 @@ class Fields:
             self.problems[name] = "must be an RFC 3339 timestamp string"
             return None
         try:
-            return parse_rfc3339(value)
+            ms = parse_rfc3339(value)
         except (ValueError, OverflowError):
             self.problems[name] = "must be an RFC 3339 timestamp with a zone"
             return None
+        if ms > LAST_MS:
+            self.problems[name] = "must be before 9999-12-01"
+            return None
+        return ms
 
     def problem(self, name: str, reason: str) -> None:
         self.problems.setdefault(name, reason)

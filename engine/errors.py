@@ -9,7 +9,6 @@
     │   ├── NotFound                     404 not_found
     │   │   ├── DealNotFound             404 deal_not_found
     │   │   └── VoucherNotFound          404 voucher_not_found
-    │   ├── MethodNotAllowed             405 method_not_allowed
     │   ├── Conflict                     409 conflict
     │   │   ├── DealCancelled            409 cancelled
     │   │   ├── DealNotStarted           409 not_started
@@ -17,16 +16,17 @@
     │   │   ├── SoldOut                  409 sold_out
     │   │   └── AlreadyRedeemed          409 already_redeemed
     │   ├── PayloadTooLarge              413 payload_too_large
-    │   ├── InvalidRequest               422 invalid_request
-    │   │   └── InvalidVoucher           422 invalid_voucher
-    │   └── RateLimited                  429 rate_limited
+    │   └── InvalidRequest               422 invalid_request
+    │       └── InvalidVoucher           422 invalid_voucher
     ├── Unavailable                      a dependency is down (503, retryable)
     │   ├── StoreUnavailable             Redis / Valkey cannot be reached
     │   ├── DatabaseUnavailable          PostgreSQL cannot be reached
     │   └── BacklogFull                  the stream is at its cap (PostgreSQL away too long)
     └── StartupError                     refuse to start: a dependency is unsafe to use
 
-Our own bugs are not in this tree: they surface as 500 with a request id.
+405 comes from the router (``api/errors.py``). No route rate-limits (429): where wanted,
+that belongs in the load balancer in front of the API. Our own bugs are not in this tree:
+they surface as 500 with a request id.
 Redis exceptions are translated in ``engine/store.py`` and asyncpg ones in
 ``persister/db.py``; no other module catches them.
 """
@@ -82,10 +82,6 @@ class VoucherNotFound(NotFound):
     code, message = "voucher_not_found", "No such voucher."
 
 
-class MethodNotAllowed(ClientError):
-    status, code, message = 405, "method_not_allowed", "This method is not allowed here."
-
-
 class Conflict(ClientError):
     status, code = 409, "conflict"
 
@@ -122,18 +118,15 @@ class InvalidVoucher(InvalidRequest):
     code, message = "invalid_voucher", "This is not a valid voucher."
 
 
-class RateLimited(ClientError):
-    status, code, message = 429, "rate_limited", "Too many requests."
-    retry_after_s = 1
-
-
 class Unavailable(FlashsaleError):
     status, code, message = 503, "unavailable", "The service is temporarily unavailable."
     retry_after_s = 1
 
 
 class StoreUnavailable(Unavailable):
-    message = "The inventory store cannot be reached; nothing was changed."
+    # After a timeout the script may have run; it is atomic, so it ran whole or not at all,
+    # and a retried claim answers the same voucher.
+    message = "The inventory store cannot be reached; retrying is safe."
 
 
 class DatabaseUnavailable(Unavailable):

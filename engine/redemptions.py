@@ -280,9 +280,15 @@ async def sync(
         if entry.result is None and entry.claims is not None:
             by_voucher.setdefault(entry.claims.voucher_id, []).append(entry)
     if by_voucher:
-        async with asyncio.TaskGroup() as tg:
-            for group in by_voucher.values():
-                tg.create_task(_redeem_in_order(store, group, merchant_id, device_id))
+        # gather, not a TaskGroup: a TaskGroup wraps StoreUnavailable / BacklogFull in an
+        # ExceptionGroup, which would surface as a 500 instead of their 503.
+        outcomes = await asyncio.gather(
+            *(_redeem_in_order(store, g, merchant_id, device_id) for g in by_voucher.values()),
+            return_exceptions=True,
+        )
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
 
     # 4. Record first results (HSETNX: a concurrent upload of the same entry may have won).
     if fresh:

@@ -49,7 +49,15 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     OSError,
 )
 
-SCRIPT_NAMES = ("create_deal", "claim_voucher", "cancel_deal", "read_deal", "redeem_voucher")
+SCRIPT_NAMES = (
+    "create_deal",
+    "claim_voucher",
+    "cancel_deal",
+    "read_deal",
+    "redeem_voucher",
+    "read_deals",
+    "search_geo",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,13 +80,15 @@ def load_scripts() -> dict[str, Script]:
     return {name: Script.load(name) for name in SCRIPT_NAMES if name in found}
 
 
-def is_unavailable(exc: BaseException) -> bool:
-    """Whether an exception means Redis cannot serve now (rather than our bug)."""
-    return isinstance(exc, _UNAVAILABLE)
+# Error replies that mean "not now" rather than "our bug": a failing disk (MISCONF),
+# too few replicas for min-replicas-to-write, a busy script, a loading server.
+_UNAVAILABLE_REPLIES = ("MISCONF", "NOREPLICAS", "BUSY", "LOADING", "MASTERDOWN", "TRYAGAIN")
 
 
 def _translate(exc: BaseException) -> BaseException:
-    if isinstance(exc, _UNAVAILABLE):
+    if isinstance(exc, _UNAVAILABLE) or (
+        isinstance(exc, rexc.ResponseError) and str(exc).startswith(_UNAVAILABLE_REPLIES)
+    ):
         err = StoreUnavailable()
         err.__cause__ = exc
         return err
@@ -201,6 +211,8 @@ class Store:
             yield
         except _UNAVAILABLE as exc:
             raise StoreUnavailable() from exc
+        except rexc.ResponseError as exc:
+            raise _translate(exc) from exc
 
     # -- scripts -------------------------------------------------------------
 
@@ -239,20 +251,35 @@ class Store:
 
     async def _send(self, calls: list[_Call], *, by_sha: bool) -> list[_Call]:
         """Send calls as one pipeline; settle them; return those that met NOSCRIPT."""
-        commands: list[tuple[Any, ...]] = []
+        raw = not self.settings.redis_cluster
+        sent: list[_Call] = []
+        commands: list[Any] = []
         for call in calls:
             s = call.script
             head = ("EVALSHA", s.sha) if by_sha else ("EVAL", s.source)
-            commands.append((*head, len(call.keys), *call.keys, *call.args))
+            command: Any = (*head, len(call.keys), *call.keys, *call.args)
+            if raw:
+                try:
+                    command = hiredis.pack_command(command)
+                except (TypeError, ValueError) as exc:  # one bad argument fails one call
+                    _settle(call, exc=exc)
+                    continue
+            commands.append(command)
+            sent.append(call)
+        if not sent:
+            return []
         if self._durable:
-            commands.append(("WAITAOF", 1, 0, self.settings.waitaof_timeout_ms))
-        if self.settings.redis_cluster:
+            wait: Any = ("WAITAOF", 1, 0, self.settings.waitaof_timeout_ms)
+            commands.append(hiredis.pack_command(wait) if raw else wait)
+        if raw:
+            # redis-py's pipeline packs each argument in Python and arms a timeout per
+            # reply: on the claim path that was most of the CPU (loadtest/bench_engine.py).
+            results = await self._round_trip(commands)
+        else:
             pipe = self.client.pipeline(transaction=False)
             for command in commands:
                 pipe.execute_command(*command)
             results = await pipe.execute(raise_on_error=False)
-        else:
-            results = await self._send_raw(commands)
         durable_error: BaseException | None = None
         if self._durable:
             ack = results.pop()
@@ -261,7 +288,7 @@ class Store:
             elif not ack or int(ack[0]) < 1:
                 durable_error = StoreUnavailable("the claim was not confirmed on disk in time")
         retry: list[_Call] = []
-        for call, result in zip(calls, results, strict=True):
+        for call, result in zip(sent, results, strict=True):
             if isinstance(result, rexc.NoScriptError):
                 retry.append(call)
             elif isinstance(result, BaseException):
@@ -272,13 +299,8 @@ class Store:
                 _settle(call, result=result)
         return retry
 
-    async def _send_raw(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        """One round trip on one pooled connection, packed by hiredis, one read timeout.
-
-        redis-py's pipeline packs each argument in Python and arms a timeout per reply:
-        on the claim path that was most of the CPU (see loadtest/bench_engine.py).
-        """
-        packed = [hiredis.pack_command(command) for command in commands]
+    async def _round_trip(self, packed: list[bytes]) -> list[Any]:
+        """Packed commands out on one pooled connection, replies back, one read timeout."""
         pool = self.client.connection_pool
         for attempt in (1, 2):
             conn = await pool.get_connection()

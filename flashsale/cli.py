@@ -67,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return _dispatch(args)
-    except (StartupError, SettingsError) as exc:
+    except (StartupError, SettingsError, ValueError) as exc:
         print(f"flashsale: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -145,6 +145,17 @@ CASES: list[tuple[str, str, str, Any, Any, int, str]] = [
     ("redeem over 90 days after end", "POST", "/v1/deals",
      deal(redeem_until="2099-04-03T00:00:00Z"), "merchant", 422, "invalid_request"),
     ("unknown field", "POST", "/v1/deals", deal(price=10), "merchant", 422, "invalid_request"),
+    ("NUL in title", "POST", "/v1/deals", deal(title="a\u0000b"), "merchant", 422,
+     "invalid_request"),
+    ("escape character in description", "POST", "/v1/deals", deal(description="\u001b[2J"),
+     "merchant", 422, "invalid_request"),
+    ("year 9999", "POST", "/v1/deals",
+     deal(starts_at="9999-12-30T00:00:00Z", ends_at="9999-12-31T00:00:00Z"), "merchant", 422,
+     "invalid_request"),
+    ("token sub with a space", "POST", "/v1/deals", deal(),
+     "Bearer " + _tok({**MERCHANT, "sub": "m 1"}), 401, "unauthenticated"),
+    ("token sub with NUL", "POST", "/v1/deals", deal(),
+     "Bearer " + _tok({**MERCHANT, "sub": "m\u00001"}), 401, "unauthenticated"),
     # -- size -> 413
     ("body over 64 KiB", "POST", "/v1/deals", deal(description="x" * 70_000), "merchant", 413,
      "payload_too_large"),
@@ -173,6 +184,7 @@ CASES: list[tuple[str, str, str, Any, Any, int, str]] = [
     ("user creates a deal", "POST", "/v1/deals", deal(), "user", 403, "forbidden"),
     ("merchant claims", "POST", "/v1/deals/d_x/claims", None, "merchant", 403, "forbidden"),
     ("user cancels", "POST", "/v1/deals/d_x/cancel", None, "user", 403, "forbidden"),
+    ("admin cancels", "POST", "/v1/deals/d_x/cancel", None, "admin", 403, "forbidden"),
     ("claim without token", "POST", "/v1/deals/d_x/claims", None, None, 401, "unauthenticated"),
     # -- routes
     ("unknown route", "GET", "/v2/nothing", None, None, 404, "not_found"),
@@ -285,3 +297,10 @@ def test_405_names_every_method_of_the_path(client: httpx.Client) -> None:
     assert r.status_code == 405
     assert set(r.headers["Allow"].split(", ")) >= {"GET", "POST"}
     assert r.json()["error"]["details"]["allow"] == r.headers["Allow"]
+
+
+def test_description_keeps_newlines_and_tabs(api: RunningApi, client: httpx.Client) -> None:
+    r = client.post("/v1/deals", json=deal(description="line 1\n\tline 2\r\n"),
+                    headers=api.auth("merchant", "m-1"))  # fmt: skip
+    assert r.status_code == 201
+    assert r.json()["deal"]["description"] == "line 1\n\tline 2\r\n"

@@ -84,13 +84,21 @@ async def test_stopped_redis_refuses_fast_then_recovers(own_redis: EmbeddedRedis
         await store.close()
 
 
+async def _waitaof_calls(store: Store) -> int:
+    stats = await store.client.info("commandstats")
+    return int(stats.get("cmdstat_waitaof", {}).get("calls", 0))
+
+
 async def test_aof_durability_confirms_claims_with_waitaof(own_redis: EmbeddedRedis) -> None:
     """In aof mode claims are answered only after WAITAOF; a concurrent burst shares waits."""
     store = await Store.connect(Settings(redis_url=own_redis.url, durability="aof"))
     try:
         deal = await create_deal(store, new_deal(50))
+        before = await _waitaof_calls(store)
         results = await asyncio.gather(*(claims.claim(store, deal.id, f"u-{i}") for i in range(50)))
         assert sum(r.is_new for r in results) == 50
+        waits = await _waitaof_calls(store) - before
+        assert 1 <= waits < 10, waits  # one WAITAOF per batch, not one per claim
     finally:
         await store.close()
 
@@ -122,3 +130,28 @@ async def test_aof_durability_needs_waitaof_on_the_server(redis_url: str) -> Non
         pytest.skip("this server has WAITAOF: the refusal is exercised by the Redis 7.0 pass")
     with pytest.raises(StartupError, match="needs WAITAOF"):
         await Store.connect(Settings(redis_url=redis_url, durability="aof"))
+
+
+async def test_refusing_replies_are_unavailable_not_bugs(own_redis: EmbeddedRedis) -> None:
+    """NOREPLICAS (min-replicas-to-write unmet) and the like answer 503, never 500."""
+    store = await Store.connect(Settings(redis_url=own_redis.url))
+    try:
+        deal = await create_deal(store, new_deal(5))
+        await store.client.config_set("min-replicas-to-write", 1)
+        with pytest.raises(StoreUnavailable):
+            await claims.claim(store, deal.id, "u-1")
+        await store.client.config_set("min-replicas-to-write", 0)
+        assert (await claims.claim(store, deal.id, "u-1")).is_new
+    finally:
+        await store.close()
+
+
+async def test_an_unpackable_argument_fails_only_its_own_call(store: Store) -> None:
+    """One call whose argument cannot be sent fails alone; the batch around it lands."""
+    deal = await create_deal(store, new_deal(5))
+    k = store.keys.for_deal(deal.id)
+    good = [claims.claim(store, deal.id, f"u-{i}") for i in range(3)]
+    bad = store.run("read_deal", (k.deal,), (object(),))
+    results = await asyncio.gather(*good, bad, return_exceptions=True)
+    assert all(isinstance(r, claims.Claim) and r.is_new for r in results[:3])
+    assert isinstance(results[3], Exception)
