@@ -320,3 +320,24 @@ def decode_qr(png: bytes, tmp_path: Any) -> str:
         pytest.fail("no QR decoder: apt-get install zbar-tools (or libzbar0 + pip pyzbar)")
     (symbol,) = decode(Image.open(io.BytesIO(png)))
     return str(symbol.data.decode())
+
+
+def test_sync_with_a_full_stream_answers_503_not_500(
+    make_api: Any, own_redis: Any, migrated_database_url: str
+) -> None:
+    """The stream at its cap refuses redemptions with 503 in a sync too (never a 500)."""
+    from engine.settings import Settings
+
+    api = make_api(Settings(redis_url=own_redis.url, database_url=migrated_database_url,
+                            stream_cap=4, partitions=1))  # fmt: skip
+    with httpx.Client(base_url=api.url, timeout=10) as client:
+        deal = create_deal(client, api.token("merchant", "m-1"))  # event 1
+        v = [claim(client, deal["id"], api.token("user", f"u-{i}")) for i in range(3)]  # 2-4
+        entries = [{"entry_id": f"e{i}", "token": x["token"], "redeemed_at": _now()}
+                   for i, x in enumerate(v)]  # fmt: skip
+        r = client.post("/v1/redemptions/sync", json={"device_id": "till-1", "entries": entries},
+                        headers=api.auth("merchant", "m-1"))  # fmt: skip
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["code"] == "unavailable" and "Retry-After" in r.headers
+        r = _redeem(client, api, v[0]["token"])
+        assert r.status_code == 503
