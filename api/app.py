@@ -68,35 +68,33 @@ def create_app(settings: Settings) -> Starlette:
     if not settings.auth_secret or len(settings.auth_secret.encode()) < 32:
         # HS256 with a short secret can be brute-forced offline from any token.
         raise StartupError("FLASHSALE_AUTH_SECRET must be at least 32 bytes")
-    metrics = Metrics()
+    metrics = Metrics(multiprocess=settings.metrics_multiproc_dir is not None)
     modules = _area_modules()
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        store = await Store.connect(settings)
-        records = Records(settings.database_url) if settings.database_url else None
-        if records is not None:
-            await records.open()
-        svc = Services(
-            settings=settings,
-            store=store,
-            auth=Authenticator(settings.auth_secret or "", settings.token_cache_size),
-            metrics=metrics,
-            signer=VoucherSigner(settings.signing_keys_dir),
-            records=records,
-        )
-        app.state.services = svc
-        try:
-            async with AsyncExitStack() as stack:
-                for module in modules:
-                    hook = getattr(module, "lifespan", None)
-                    if hook is not None:
-                        await stack.enter_async_context(hook(svc))
-                yield
-        finally:
-            if records is not None:
-                await records.close()
-            await store.close()
+        async with AsyncExitStack() as stack:
+            store = await Store.connect(settings)
+            stack.push_async_callback(store.close)
+            records = None
+            if settings.database_url:
+                records = Records(settings.database_url)
+                await records.open()
+                stack.push_async_callback(records.close)
+            svc = Services(
+                settings=settings,
+                store=store,
+                auth=Authenticator(settings.auth_secret or "", settings.token_cache_size),
+                metrics=metrics,
+                signer=VoucherSigner(settings.signing_keys_dir),
+                records=records,
+            )
+            app.state.services = svc
+            for module in modules:
+                hook = getattr(module, "lifespan", None)
+                if hook is not None:
+                    await stack.enter_async_context(hook(svc))
+            yield
 
     app = Starlette(
         routes=[route for module in modules for route in module.routes],

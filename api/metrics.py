@@ -6,7 +6,6 @@ and every worker's numbers are summed on scrape.
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
@@ -28,8 +27,8 @@ class Metrics:
 
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self) -> None:
-        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+    def __init__(self, multiprocess: bool = False) -> None:
+        self.multiprocess = multiprocess
         # Our own registry: several apps in one process (tests) must not collide.
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(

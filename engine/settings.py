@@ -67,6 +67,8 @@ class Settings:
     discovery_cache_s: float = 30.0
     discovery_cell_deg: float = 0.01
     token_cache_size: int = 100_000
+    # prometheus-client's own variable: where each worker process writes its metrics.
+    metrics_multiproc_dir: str | None = None
     # The persister (persister/worker.py). A consumer name must be unique and stable
     # across restarts (e.g. the pod name); unset, a free slot ``<host>-<n>`` is leased.
     persister_name: str | None = None
@@ -96,6 +98,7 @@ class Settings:
         retention = env.get("FLASHSALE_STREAM_RETENTION")
         keys_dir = env.get("FLASHSALE_KEYS_DIR")
         return cls(
+            metrics_multiproc_dir=env.get("PROMETHEUS_MULTIPROC_DIR") or None,
             redis_url=env.get("FLASHSALE_REDIS_URL") or None,
             redis_cluster=_flag(env.get("FLASHSALE_REDIS_CLUSTER")),
             database_url=env.get("FLASHSALE_DATABASE_URL") or None,

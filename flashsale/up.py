@@ -8,6 +8,7 @@ import contextlib
 import signal
 import subprocess
 import sys
+import threading
 from typing import Any
 
 import uvicorn
@@ -40,12 +41,52 @@ def _start_persister(settings: Settings) -> subprocess.Popen[bytes]:
     )
 
 
+class PersisterSupervisor:
+    """Keeps one persister running: a persister that dies is started again, with backoff.
+
+    A persister exits on errors it must not guess about (an unmigrated schema, a bug);
+    while it is down the streams hold the backlog, and claims are refused only at the
+    stream cap, so restarting it is what keeps `flashsale up` honest.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.proc = _start_persister(settings)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="persister", daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        backoff_s = 1.0
+        while not self._stop.wait(0.5):
+            code = self.proc.poll()
+            if code is None:
+                continue
+            print(f"flashsale up: the persister exited ({code}); restarting in {backoff_s:.0f} s",
+                  file=sys.stderr)  # fmt: skip
+            if self._stop.wait(backoff_s):
+                return
+            backoff_s = min(backoff_s * 2, 30.0)
+            self.proc = _start_persister(self.settings)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        proc = self.proc
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(10)
+            if proc.poll() is None:
+                proc.kill()
+
+
 def up(args: argparse.Namespace) -> int:
     """Start embedded servers (unless URLs are set), migrate, run persister and API."""
     settings = Settings.from_env()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     started: list[Any] = []
-    persister: subprocess.Popen[bytes] | None = None
+    persister: PersisterSupervisor | None = None
     try:
         settings = wiring.resolve(_start_servers(settings, started))
         wiring.write_servers(settings)
@@ -53,8 +94,9 @@ def up(args: argparse.Namespace) -> int:
 
         code = asyncio.run(persister_cli.migrate(settings, argparse.Namespace(command="migrate")))
         if code != 0:
-            print("flashsale up: migrations failed", file=sys.stderr)
-        persister = _start_persister(settings)
+            print("flashsale up: migrations failed; not starting", file=sys.stderr)
+            return code
+        persister = PersisterSupervisor(settings)
         if args.demo:
             from flashsale.demo import seed
 
@@ -72,12 +114,8 @@ def up(args: argparse.Namespace) -> int:
         )
         return 0
     finally:
-        if persister is not None and persister.poll() is None:
-            persister.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                persister.wait(10)
-            if persister.poll() is None:
-                persister.kill()
+        if persister is not None:
+            persister.stop()
         for server in reversed(started):
             server.stop()
         wiring.clear_servers(settings)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -50,6 +51,15 @@ def _children(pid: int) -> set[int]:
             found.add(c)
             todo.append(c)
     return found
+
+
+def _persister(pid: int) -> int | None:
+    for child in _children(pid):
+        with contextlib.suppress(OSError):
+            cmd = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+            if b"persist" in cmd and _alive(child):
+                return child
+    return None
 
 
 def _alive(pid: int) -> bool:
@@ -128,6 +138,12 @@ def test_up_starts_everything_answers_and_ctrl_c_stops_all(tmp_path: Path) -> No
         assert ready["checks"] == {"redis": "ok", "postgres": "ok"}
         nearby = httpx.get(f"{url}/v1/deals", params={"lat": 12.9716, "lng": 77.5946}).json()
         assert nearby["count"] >= 3
+        first = _persister(proc.pid)
+        os.kill(first, signal.SIGKILL)  # a persister that dies is started again
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and _persister(proc.pid) in (None, first):
+            time.sleep(0.3)
+        assert _persister(proc.pid) not in (None, first)
         children = _children(proc.pid)
         assert len(children) >= 3  # Valkey, PostgreSQL (and its workers), the persister
         proc.send_signal(signal.SIGINT)
@@ -144,3 +160,29 @@ def test_up_starts_everything_answers_and_ctrl_c_stops_all(tmp_path: Path) -> No
             proc.kill()
         if proc.stdout:
             proc.stdout.close()
+
+
+def test_serve_with_two_workers_sums_their_metrics(tmp_path: Path, redis_url: str) -> None:
+    """Under several workers /metrics counts every worker's requests (multiprocess mode)."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [*FLASHSALE, "serve", "--port", str(port), "--workers", "2"],
+        env=_env(tmp_path, FLASHSALE_REDIS_URL=redis_url, FLASHSALE_AUTH_SECRET="s" * 40),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_healthy(url, proc)
+        for _ in range(60):  # a new connection each: the kernel spreads them over workers
+            assert httpx.get(f"{url}/v1/deals/d_nothing").status_code == 404
+        text = httpx.get(f"{url}/metrics").text
+        line = next(x for x in text.splitlines()
+                    if x.startswith("flashsale_http_requests_total{")
+                    and 'route="/v1/deals/{deal_id}"' in x)  # fmt: skip
+        assert float(line.rsplit(" ", 1)[1]) == 60.0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
