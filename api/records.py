@@ -26,6 +26,20 @@ _DOWN: tuple[type[BaseException], ...] = (
     asyncpg.CrashShutdownError,
 )
 
+# SQLSTATE classes that mean "PostgreSQL cannot serve now": connection (08), resources
+# such as a full disk (53), operator intervention or a statement timeout (57), system
+# I/O (58); and 25006, a read-only standby after a failover.
+_DOWN_CLASSES = ("08", "53", "57", "58")
+
+
+def _is_down(exc: BaseException) -> bool:
+    if isinstance(exc, _DOWN):
+        return True
+    state = getattr(exc, "sqlstate", None) or ""
+    return isinstance(exc, asyncpg.PostgresError) and (
+        state[:2] in _DOWN_CLASSES or state == "25006"
+    )
+
 
 class Records:
     """A small pool for the API's PostgreSQL queries."""
@@ -51,11 +65,13 @@ class Records:
             async with asyncio.timeout(self.timeout_s * 3):
                 async with self._pool.acquire(timeout=self.timeout_s) as conn:
                     yield conn
-        except _DOWN as exc:
-            raise DatabaseUnavailable() from exc
         except asyncpg.UndefinedTableError as exc:
             # Deployed before `flashsale migrate` ran: not ready, not our bug per request.
             raise DatabaseUnavailable("The database has not been migrated yet.") from exc
+        except Exception as exc:
+            if _is_down(exc):
+                raise DatabaseUnavailable() from exc
+            raise
 
     async def ping(self) -> bool:
         try:
