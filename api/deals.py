@@ -11,14 +11,19 @@ from api.errors import error_response
 from api.jsonio import json, read_json_object
 from api.validation import LAT_MAX, Fields, valid_id
 from engine import claims
-from engine.deals import NewDeal, cancel_deal, create_deal, get_deal
+from engine.deals import (
+    DEFAULT_REDEEM_AFTER_END_MS,
+    MAX_REDEEM_AFTER_END_MS,
+    MAX_WINDOW_MS,
+    NewDeal,
+    cancel_deal,
+    create_deal,
+    get_deal,
+)
 from engine.errors import ClientError, DealNotFound, Unavailable
-from engine.times import MS_PER_DAY, now_ms
+from engine.times import now_ms
 from engine.vouchers import voucher_json
 
-MAX_WINDOW_MS = 30 * MS_PER_DAY
-MAX_REDEEM_AFTER_END_MS = 90 * MS_PER_DAY
-DEFAULT_REDEEM_AFTER_END_MS = 7 * MS_PER_DAY
 DEAL_FIELDS = {
     "title",
     "description",

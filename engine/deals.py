@@ -8,7 +8,7 @@ from typing import Any
 
 from engine.errors import BacklogFull, DealNotFound, Forbidden
 from engine.store import Store
-from engine.times import to_rfc3339
+from engine.times import MS_PER_DAY, to_rfc3339
 
 SCHEDULED, ACTIVE, SOLD_OUT, ENDED, CANCELLED = (
     "scheduled",
@@ -17,6 +17,12 @@ SCHEDULED, ACTIVE, SOLD_OUT, ENDED, CANCELLED = (
     "ended",
     "cancelled",
 )
+
+
+# A deal's time rules (API.md); voucher key retirement derives from them too.
+MAX_WINDOW_MS = 30 * MS_PER_DAY  # ends_at - starts_at
+MAX_REDEEM_AFTER_END_MS = 90 * MS_PER_DAY  # redeem_until - ends_at
+DEFAULT_REDEEM_AFTER_END_MS = 7 * MS_PER_DAY
 
 
 def new_deal_id() -> str:

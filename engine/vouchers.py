@@ -38,9 +38,10 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 from jwt.algorithms import ECAlgorithm
 
 from engine.claims import Claim, deal_of_voucher
+from engine.deals import MAX_REDEEM_AFTER_END_MS, MAX_WINDOW_MS
 from engine.errors import InvalidVoucher
 from engine.store import Store
-from engine.times import MS_PER_DAY, to_rfc3339
+from engine.times import to_rfc3339
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ ALGORITHM = "ES256"
 # How often running processes look at the keys directory (rotation reaches them within it).
 RELOAD_S = 2.0
 # The longest a voucher can live after its claim: 30 days of claim window + 90 of redeeming.
-MAX_VOUCHER_LIFE_MS = (30 + 90) * MS_PER_DAY
+MAX_VOUCHER_LIFE_MS = MAX_WINDOW_MS + MAX_REDEEM_AFTER_END_MS
 # Slack on a retired key's last signature: processes that have not reloaded yet, and clock
 # skew between the host that rotated and the hosts that sign.
 RETIRE_SLACK_MS = 3_600_000
