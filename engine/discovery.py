@@ -35,11 +35,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.deals import ACTIVE, SCHEDULED, Deal
+from engine.deals import ACTIVE, SCHEDULED, Deal, deal_status
 from engine.errors import StoreUnavailable
-from engine.keys import geo_key
+from engine.keys import geo_key, geo_sweep_key
 from engine.store import Store
-from engine.times import now_ms
+from engine.times import now_ms, to_rfc3339
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,9 @@ _REDIS_SCALE = REDIS_EARTH_RADIUS_KM / EARTH_RADIUS_KM
 _DENSITY_MARGIN = 2.0
 _WIDEN_FACTOR = 3.0
 CACHE_ENTRIES = 4_096  # entries kept per process (least recently used go first)
+# Deals whose fixed fields (title, place, times, total: never changed after creation) this
+# process remembers, so a response reads only ``left``, ``cancelled`` and ``seq`` live.
+FIXED_ENTRIES = 65_536
 SWEEP_CHUNK = 500  # members read per ZSCAN step
 # A deal is swept as ended only once this process's clock is this far past ``ends``:
 # the claim script judges by Redis's clock, and the sweep must never be early.
@@ -77,17 +80,80 @@ def haversine_km(lat1: float, lng1: float, lat2: float, lng2: float) -> float:
 
 
 @dataclass(frozen=True, slots=True)
+class _Fixed:
+    """What never changes in a deal after it is created (and its times as API text)."""
+
+    id: str
+    merchant_id: str
+    title: str
+    description: str
+    lat: float
+    lng: float
+    total: int
+    starts_ms: int
+    ends_ms: int
+    redeem_ms: int
+    starts_at: str
+    ends_at: str
+    redeem_until: str
+
+    @classmethod
+    def from_fields(cls, deal_id: str, f: list[Any]) -> _Fixed:
+        """From ``read_deals``'s fixed fields: merchant title desc lat lng total starts
+        ends redeem."""
+        starts, ends, redeem = int(f[6]), int(f[7]), int(f[8])
+        return cls(
+            deal_id, sys.intern(f[0]), f[1], f[2] or "", float(f[3]), float(f[4]), int(f[5]),
+            starts, ends, redeem, to_rfc3339(starts), to_rfc3339(ends), to_rfc3339(redeem),
+        )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
 class Nearby:
     """An active deal and its exact distance from the caller."""
 
-    deal: Deal
+    fixed: _Fixed
+    left: int
+    seq: int
+    cancelled_at_ms: int | None
+    now_ms: int  # the deal's Redis node clock when it was read
     distance_km: float
 
+    @property
+    def deal(self) -> Deal:
+        """The deal as ``engine.deals`` reads it."""
+        f = self.fixed
+        return Deal(
+            f.id, f.merchant_id, f.title, f.description, f.lat, f.lng, f.total,
+            max(self.left, 0), self.seq, f.starts_ms, f.ends_ms, f.redeem_ms,
+            self.cancelled_at_ms, self.now_ms,
+        )  # fmt: skip
+
     def to_json(self) -> dict[str, Any]:
-        """The API's ``Deal`` object plus ``distance_km``."""
-        out = self.deal.to_json()
-        out["distance_km"] = self.distance_km
-        return out
+        """The API's ``Deal`` object plus ``distance_km`` (``Deal.to_json``'s fields)."""
+        f = self.fixed
+        left = max(self.left, 0)
+        return {
+            "id": f.id,
+            "merchant_id": f.merchant_id,
+            "title": f.title,
+            "description": f.description,
+            "lat": f.lat,
+            "lng": f.lng,
+            "inventory_total": f.total,
+            "inventory_left": left,
+            "starts_at": f.starts_at,
+            "ends_at": f.ends_at,
+            "redeem_until": f.redeem_until,
+            "status": deal_status(
+                self.now_ms, f.starts_ms, f.ends_ms, left, self.cancelled_at_ms is not None
+            ),
+            "distance_km": self.distance_km,
+        }
+
+
+# One live read: the fixed part, left, seq, cancelled_at_ms, the node's clock (ms).
+_Live = tuple[_Fixed, int, int, int | None, int]
 
 
 @dataclass(slots=True)
@@ -173,6 +239,10 @@ class Discovery:
         self._loading: dict[tuple[int, int, float, int], asyncio.Future[_Candidates]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._density = 0.0  # indexed deals per km2 around the last cell loaded
+        self._geo_keys = store.keys.all_geo()
+        self._cluster = store.settings.redis_cluster
+        self._fixed: dict[str, _Fixed] = {}  # insertion-ordered: the oldest go first
+        self.fixed_entries = FIXED_ENTRIES
         self.hits = 0
         self.misses = 0
 
@@ -203,7 +273,7 @@ class Discovery:
     ) -> list[Nearby] | None:
         """The answer from ``c``, or ``None`` if ``c`` might miss a nearer active deal."""
         walk = _Nearest(c, lat, lng, radius_km + GEO_SLACK_KM)
-        found: list[tuple[float, str, Deal]] = []
+        found: list[tuple[float, str, Nearby]] = []
         threshold = radius_km  # a deal farther than this cannot be in the answer
         first = True
         while True:
@@ -212,16 +282,19 @@ class Discovery:
             ids = walk.take(want, threshold + GEO_SLACK_KM)
             if not ids:
                 break
-            for deal_id, deal in zip(ids, await self._read(ids), strict=True):
-                status = None if deal is None else deal.status
-                if deal is None or status != ACTIVE:
+            for deal_id, live in zip(ids, await self._read(ids), strict=True):
+                status = None
+                if live is not None:
+                    f, left, seq, cancelled, now = live
+                    status = deal_status(now, f.starts_ms, f.ends_ms, left, cancelled is not None)
+                if live is None or status != ACTIVE:
                     if status != SCHEDULED:  # ended, cancelled, sold out or gone: for good
                         c.dead.add(deal_id)
                         self._forget(deal_id)
                     continue
-                d = haversine_km(lat, lng, deal.lat, deal.lng)
+                d = haversine_km(lat, lng, f.lat, f.lng)
                 if d <= radius_km:
-                    found.append((d, deal_id, deal))
+                    found.append((d, deal_id, Nearby(f, left, seq, cancelled, now, d)))
             if len(found) >= limit:
                 found.sort(key=_by_distance)
                 del found[limit:]
@@ -230,18 +303,60 @@ class Discovery:
         if c.covered_km - walk.offset - GEO_SLACK_KM < threshold:
             return None
         found.sort(key=_by_distance)
-        return [Nearby(deal, d) for d, _, deal in found[:limit]]
+        return [n for _, _, n in found[:limit]]
 
-    async def _read(self, ids: list[str]) -> list[Deal | None]:
-        """Live deals (``None`` for gone ones), judged by their own Redis node's clock."""
-        keys = self.store.keys
-        replies = await asyncio.gather(
-            *(self.store.run("read_deal", (keys.for_deal(i).deal,), ()) for i in ids)
-        )
-        return [
-            Deal.from_hash(i, _pairs(r[1:]), int(r[0])) if len(r) > 1 else None
-            for i, r in zip(ids, replies, strict=True)
+    async def _read(self, ids: list[str]) -> list[_Live | None]:
+        """Live deals (``None`` for gone ones), judged by their own Redis node's clock.
+
+        One ``read_deals`` call in all on one node; on a cluster one per partition (a
+        script's keys share a hash slot there), all in one round trip. A deal's fixed
+        fields are read only the first time this process meets it.
+        """
+        keys, fixed = self.store.keys, self._fixed
+        known = [fixed.get(deal_id) for deal_id in ids]
+        groups: list[list[int]]
+        if self._cluster:
+            by_partition: dict[int, list[int]] = {}
+            for n, deal_id in enumerate(ids):
+                by_partition.setdefault(keys.for_deal(deal_id).partition, []).append(n)
+            groups = list(by_partition.values())
+        else:
+            groups = [list(range(len(ids)))]
+        calls = [
+            self.store.run(
+                "read_deals",
+                [keys.for_deal(ids[n]).deal for n in group],
+                ["0" if known[n] is not None else "1" for n in group],
+            )
+            for group in groups
         ]
+        replies = [await calls[0]] if len(calls) == 1 else await asyncio.gather(*calls)
+        out: list[_Live | None] = [None] * len(ids)  # None: gone
+        for group, reply in zip(groups, replies, strict=True):
+            now, pos = int(reply[0]), 1
+            for n in group:
+                left, cancelled, seq = reply[pos], reply[pos + 1], reply[pos + 2]
+                pos += 3
+                f = known[n]
+                if f is None:
+                    if left is not None:
+                        f = self._learn(ids[n], reply[pos : pos + 9])
+                    pos += 9
+                if left is not None and f is not None:
+                    out[n] = (
+                        f,
+                        int(left),
+                        int(seq or 0),
+                        int(cancelled) if cancelled else None,
+                        now,
+                    )
+        return out
+
+    def _learn(self, deal_id: str, fields: list[Any]) -> _Fixed:
+        known = self._fixed[deal_id] = _Fixed.from_fields(deal_id, fields)
+        if len(self._fixed) > self.fixed_entries:
+            del self._fixed[next(iter(self._fixed))]
+        return known
 
     # -- candidates and the cache ---------------------------------------------
 
@@ -306,23 +421,25 @@ class Discovery:
 
     async def _load(self, lat: float, lng: float, reach_km: float) -> _Candidates:
         """Every indexed deal within ``reach_km`` of the point, nearest first."""
-        centres = _centres(lat, lng, reach_km + 2 * GEO_SLACK_KM)
-        pipe = self.store.client.pipeline(transaction=False)
-        for c_lat, c_lng, c_km in centres:
-            redis_km = c_km * _REDIS_SCALE + GEO_SLACK_KM
-            for p in range(self.store.keys.partitions):
-                pipe.geosearch(
-                    geo_key(p), longitude=c_lng, latitude=c_lat, radius=redis_km, unit="km",
-                    withcoord=True,
-                )  # fmt: skip
-        async with self.store.guard():
-            replies = await pipe.execute()
+        args: list[str] = []
+        for c_lat, c_lng, c_km in _centres(lat, lng, reach_km + 2 * GEO_SLACK_KM):
+            args += (repr(c_lng), repr(c_lat), repr(c_km * _REDIS_SCALE + GEO_SLACK_KM))
+        # One ``search_geo`` in all on one node; one per partition on a cluster (a
+        # script's keys share a hash slot there), all in one round trip.
+        if self._cluster:
+            replies = await asyncio.gather(
+                *(self.store.run("search_geo", (key,), args) for key in self._geo_keys)
+            )
+        else:
+            replies = [await self.store.run("search_geo", self._geo_keys, args)]
         rows: list[tuple[float, str, float, float]] = []
         seen: set[str] = set()
         for reply in replies:
-            for member, (m_lng, m_lat) in reply:
+            for k in range(0, len(reply), 3):
+                member = reply[k]
                 if member not in seen:
                     seen.add(member)
+                    m_lng, m_lat = float(reply[k + 1]), float(reply[k + 2])
                     rows.append((haversine_km(lat, lng, m_lat, m_lng), member, m_lat, m_lng))
         rows.sort()
         self._density = len(rows) / (math.pi * reach_km**2)
@@ -371,7 +488,8 @@ class Discovery:
         client, geo = self.store.client, geo_key(partition)
         removed = 0
         async with self.store.guard():
-            if lease_ms and not await client.set(f"{geo}:sweep", "1", nx=True, px=lease_ms):
+            lease = geo_sweep_key(partition)
+            if lease_ms and not await client.set(lease, "1", nx=True, px=lease_ms):
                 return 0
             cursor: int = 0
             while True:
@@ -432,9 +550,5 @@ def _centres(lat: float, lng: float, reach_km: float) -> list[tuple[float, float
     return centres
 
 
-def _by_distance(row: tuple[float, str, Deal]) -> tuple[float, str]:
+def _by_distance(row: tuple[float, str, Nearby]) -> tuple[float, str]:
     return row[0], row[1]
-
-
-def _pairs(flat: list[Any]) -> dict[str, str]:
-    return dict(zip(flat[::2], flat[1::2], strict=True))

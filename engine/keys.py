@@ -48,6 +48,11 @@ def geo_key(partition: int) -> str:
     return f"{PREFIX}:{tag(partition)}:geo"
 
 
+def geo_sweep_key(partition: int) -> str:
+    """The lease that lets one API process at a time sweep a partition's geo index."""
+    return f"{PREFIX}:{tag(partition)}:geo:sweep"
+
+
 class KeySpace:
     """Key names for one partition count."""
 
