@@ -33,7 +33,9 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
+
+import orjson
 
 from engine.deals import ACTIVE, SCHEDULED, Deal, deal_status
 from engine.errors import StoreUnavailable
@@ -85,6 +87,7 @@ class _Fixed:
     """What never changes in a deal after it is created (and its times as API text)."""
 
     id: str
+    key: str  # the deal hash
     merchant_id: str
     title: str
     description: str
@@ -97,20 +100,32 @@ class _Fixed:
     starts_at: str
     ends_at: str
     redeem_until: str
+    # The API's Deal object as JSON, cut around its live fields (see ``render``).
+    json_head: bytes  # '{"id":...,"inventory_total":N,'
+    json_mid: bytes  # '"starts_at":...,"redeem_until":"...",'
 
     @classmethod
-    def from_fields(cls, deal_id: str, f: list[Any]) -> _Fixed:
+    def from_fields(cls, deal_id: str, key: str, f: list[Any]) -> _Fixed:
         """From ``read_deals``'s fixed fields: merchant title desc lat lng total starts
         ends redeem."""
+        merchant, title, desc = sys.intern(f[0]), f[1], f[2] or ""
+        lat, lng, total = float(f[3]), float(f[4]), int(f[5])
         starts, ends, redeem = int(f[6]), int(f[7]), int(f[8])
+        starts_at, ends_at, redeem_until = to_rfc3339(starts), to_rfc3339(ends), to_rfc3339(redeem)
+        head = orjson.dumps(
+            {"id": deal_id, "merchant_id": merchant, "title": title, "description": desc,
+             "lat": lat, "lng": lng, "inventory_total": total}
+        )  # fmt: skip
+        mid = orjson.dumps(
+            {"starts_at": starts_at, "ends_at": ends_at, "redeem_until": redeem_until}
+        )
         return cls(
-            deal_id, sys.intern(f[0]), f[1], f[2] or "", float(f[3]), float(f[4]), int(f[5]),
-            starts, ends, redeem, to_rfc3339(starts), to_rfc3339(ends), to_rfc3339(redeem),
+            deal_id, key, merchant, title, desc, lat, lng, total, starts, ends, redeem,
+            starts_at, ends_at, redeem_until, head[:-1] + b",", mid[1:-1] + b",",
         )  # fmt: skip
 
 
-@dataclass(frozen=True, slots=True)
-class Nearby:
+class Nearby(NamedTuple):
     """An active deal and its exact distance from the caller."""
 
     fixed: _Fixed
@@ -130,10 +145,16 @@ class Nearby:
             self.cancelled_at_ms, self.now_ms,
         )  # fmt: skip
 
+    @property
+    def status(self) -> str:
+        f = self.fixed
+        return deal_status(
+            self.now_ms, f.starts_ms, f.ends_ms, self.left, self.cancelled_at_ms is not None
+        )
+
     def to_json(self) -> dict[str, Any]:
         """The API's ``Deal`` object plus ``distance_km`` (``Deal.to_json``'s fields)."""
         f = self.fixed
-        left = max(self.left, 0)
         return {
             "id": f.id,
             "merchant_id": f.merchant_id,
@@ -142,15 +163,32 @@ class Nearby:
             "lat": f.lat,
             "lng": f.lng,
             "inventory_total": f.total,
-            "inventory_left": left,
+            "inventory_left": max(self.left, 0),
             "starts_at": f.starts_at,
             "ends_at": f.ends_at,
             "redeem_until": f.redeem_until,
-            "status": deal_status(
-                self.now_ms, f.starts_ms, f.ends_ms, left, self.cancelled_at_ms is not None
-            ),
+            "status": self.status,
             "distance_km": self.distance_km,
         }
+
+
+def render(found: list[Nearby]) -> bytes:
+    """``{"deals": [n.to_json() ...], "count": n}`` as orjson writes it, from fragments.
+
+    The fixed part of each deal was serialized once, when this process first read it.
+    """
+    parts = [
+        b'%s"inventory_left":%d,%s"status":%s,"distance_km":%s}'
+        % (
+            n.fixed.json_head,
+            max(n.left, 0),
+            n.fixed.json_mid,
+            orjson.dumps(n.status),
+            orjson.dumps(n.distance_km),
+        )
+        for n in found
+    ]
+    return b'{"deals":[%s],"count":%d}' % (b",".join(parts), len(found))
 
 
 # One live read: the fixed part, left, seq, cancelled_at_ms, the node's clock (ms).
@@ -352,12 +390,12 @@ class Discovery:
             groups = list(by_partition.values())
         else:
             groups = [list(range(len(ids)))]
+        hkeys = [
+            keys.for_deal(i).deal if f is None else f.key for i, f in zip(ids, known, strict=True)
+        ]
+        flags = ["1" if f is None else "0" for f in known]
         calls = [
-            self.store.run(
-                "read_deals",
-                [keys.for_deal(ids[n]).deal for n in group],
-                ["0" if known[n] is not None else "1" for n in group],
-            )
+            self.store.run("read_deals", [hkeys[n] for n in group], [flags[n] for n in group])
             for group in groups
         ]
         replies = [await calls[0]] if len(calls) == 1 else await asyncio.gather(*calls)
@@ -370,7 +408,7 @@ class Discovery:
                 f = known[n]
                 if f is None:
                     if left is not None:
-                        f = self._learn(ids[n], reply[pos : pos + 9])
+                        f = self._learn(ids[n], hkeys[n], reply[pos : pos + 9])
                     pos += 9
                 if left is not None and f is not None:
                     out[n] = (
@@ -382,8 +420,8 @@ class Discovery:
                     )
         return out
 
-    def _learn(self, deal_id: str, fields: list[Any]) -> _Fixed:
-        known = self._fixed[deal_id] = _Fixed.from_fields(deal_id, fields)
+    def _learn(self, deal_id: str, key: str, fields: list[Any]) -> _Fixed:
+        known = self._fixed[deal_id] = _Fixed.from_fields(deal_id, key, fields)
         if len(self._fixed) > self.fixed_entries:
             del self._fixed[next(iter(self._fixed))]
         return known

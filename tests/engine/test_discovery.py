@@ -8,19 +8,21 @@ brute-force Haversine over the deals that are active, on one node and on a clust
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import pytest
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from engine import claims
-from engine.deals import cancel_deal, create_deal
-from engine.discovery import LAT_MAX, Discovery, Nearby, haversine_km
+from engine.deals import cancel_deal, create_deal, get_deal
+from engine.discovery import LAT_MAX, Discovery, Nearby, haversine_km, render
 from engine.errors import StoreUnavailable
 from engine.settings import Settings
 from engine.store import Store, make_client
@@ -315,6 +317,28 @@ async def test_dense_area_from_the_corner_of_a_cell_matches_brute_force(
             assert ids_and_distances(found) == brute_force(world, lat, lng, radius, limit)
 
 
+async def test_the_response_is_what_the_deals_own_json_would_be(
+    store: Store, discover: Callable[..., Discovery]
+) -> None:
+    """``render`` (cached fragments) == orjson of ``Deal.to_json`` + distance, byte for byte."""
+    lat, lng = 41.9028, 12.4964
+    for i in range(5):
+        await place(store, lat + 0.0013 * i, lng - 0.0007 * i, "active", inventory=3 + i)
+    await claims.claim(store, (await discover().nearby(lat, lng, 3.0, 1))[0].deal.id, "u-1")
+    d = discover()
+    for _ in range(2):  # the first read learns the fixed fields, the second reuses them
+        found = await d.nearby(lat, lng, 3.0, 10)
+        assert len(found) == 5
+        want = []
+        for n in found:
+            deal = await get_deal(store, n.deal.id)
+            assert n.deal == dataclasses.replace(deal, now_ms=n.now_ms)
+            want.append({**deal.to_json(), "distance_km": n.distance_km})
+            assert n.to_json() == want[-1]
+        assert render(found) == orjson.dumps({"deals": want, "count": 5})
+    assert render([]) == orjson.dumps({"deals": [], "count": 0})
+
+
 # -- liveness and the cache --------------------------------------------------------
 
 
@@ -348,6 +372,22 @@ async def test_a_deal_sold_out_behind_the_index_is_still_never_shown(
     assert await d.nearby(lat, lng, 1.0, 5) == []
     await d.close()
     assert await store.client.zscore(k.geo, deal) is None
+
+
+async def test_a_deal_whose_hash_vanished_is_not_shown_though_its_fixed_part_is_known(
+    store: Store, discover: Callable[..., Discovery]
+) -> None:
+    """The per-process memory of fixed fields never stands in for the live read."""
+    lat, lng = 35.6762, 139.6503
+    gone = await place(store, lat, lng, "active")
+    kept = await place(store, lat + 0.001, lng, "active")
+    d = discover()
+    d.fixed_entries = 1  # bounded: the older one is forgotten and read in full again
+    assert [n.deal.id for n in await d.nearby(lat, lng, 1.0, 5)] == [gone, kept]
+    assert len(d._fixed) == 1
+    await store.client.delete(store.keys.for_deal(gone).deal)
+    for _ in range(2):
+        assert [n.deal.id for n in await d.nearby(lat, lng, 1.0, 5)] == [kept]
 
 
 async def test_cancelled_and_ended_deals_are_never_shown(
