@@ -151,7 +151,11 @@ class Rows:
             raise Malformed(f"unknown event type {str(kind)[:40]!r}")
 
 
-def parse(entries: list[Entry]) -> tuple[Rows, list[Entry], list[tuple[Entry, str]]]:
+# rows, the entries they came from, the malformed entries with their errors
+Parsed = tuple[Rows, list[Entry], list[tuple[Entry, str]]]
+
+
+def parse(entries: list[Entry]) -> Parsed:
     """Split entries into rows, the entries they came from, and the malformed ones."""
     rows = Rows()
     good: list[Entry] = []

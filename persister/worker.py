@@ -33,8 +33,8 @@ from engine.streams import (
     trim_acked,
 )
 from persister.db import Database, Transient, check_schema
-from persister.events import Entry
-from persister.writer import Written, write_dead_letters, write_entries
+from persister.events import Entry, Parsed, parse
+from persister.writer import Written, write_dead_letters, write_parsed
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +78,11 @@ class Backoff:
 class Persister:
     """One consumer of the persister group; ``run()`` until ``stop()``."""
 
-    def __init__(self, settings: Settings, store: Store, db: Database, name: str) -> None:
+    def __init__(
+        self, settings: Settings, store: Store, db: Database, name: str, *, pipeline: bool = True
+    ) -> None:
         self.settings = settings
+        self.pipeline = pipeline  # read the next batch while committing this one
         self.store = store
         self.db = db
         self.name = name
@@ -89,6 +92,8 @@ class Persister:
         self._backoff = Backoff(settings.persister_backoff_max_s)
         self._next_reclaim = 0.0
         self._next_trim = 0.0
+        self._reread_own = False  # a read failed: take back what it may have delivered
+        self._ahead: asyncio.Task[list[RawEntry]] | None = None  # the next batch, being read
 
     def stop(self) -> None:
         """Ask the loop to stop after the round in progress."""
@@ -113,22 +118,41 @@ class Persister:
             if not pending:
                 break
             await self._round(pending, check_deliveries=True)
-        while not self.stopping:
-            now = time.monotonic()
-            if now >= self._next_reclaim:
-                self._next_reclaim = now + RECLAIM_EVERY_S
-                idle_ms = int(self.settings.persister_claim_idle_s * 1000)
-                reclaimed = await self._until_ok(self.consumer.reclaim, idle_ms)
-                if reclaimed:
-                    log.info("reclaimed %d idle entries", len(reclaimed))
-                    await self._round(reclaimed, check_deliveries=True)
-                    continue
-            if now >= self._next_trim:
-                self._next_trim = now + self.settings.persister_trim_interval_s
-                await self._trim()
-            entries = await self._until_ok(self.consumer.read_new)
-            if entries:
-                await self._round(entries, check_deliveries=False)
+        # Pipelined: while one batch is being committed, the next one is already being
+        # read (at most one batch ahead). Only committed entries are ever acknowledged;
+        # entries read ahead are pending under this name, like any delivered entry.
+        try:
+            while not self.stopping:
+                now = time.monotonic()
+                if now >= self._next_reclaim:
+                    self._next_reclaim = now + RECLAIM_EVERY_S
+                    idle_ms = int(self.settings.persister_claim_idle_s * 1000)
+                    reclaimed = await self._until_ok(self.consumer.reclaim, idle_ms)
+                    if reclaimed:
+                        log.info("reclaimed %d idle entries", len(reclaimed))
+                        await self._round(reclaimed, check_deliveries=True)
+                        continue
+                if now >= self._next_trim:
+                    self._next_trim = now + self.settings.persister_trim_interval_s
+                    await self._trim()
+                if self._ahead is not None:
+                    entries, self._ahead = await self._ahead, None
+                else:
+                    entries = await self._until_ok(self._read_next)
+                if entries:
+                    await self._round(entries, check_deliveries=False, read_ahead=self.pipeline)
+            if self._ahead is not None:
+                # Stopping with a batch read ahead: write it too (or, PostgreSQL away, leave
+                # it pending for this name's next start), rather than leave it to a reclaim.
+                entries, self._ahead = await self._ahead, None
+                if entries:
+                    await self._round(entries, check_deliveries=False)
+        finally:
+            if self._ahead is not None:  # cancelled or failed: its entries stay pending
+                self._ahead.cancel()
+                with contextlib.suppress(BaseException):
+                    await self._ahead
+                self._ahead = None
         log.info(
             "persister %s stopped: %d entries, %d new vouchers, %d dead letters, %d parked",
             self.name,
@@ -138,6 +162,36 @@ class Persister:
             self.stats.parked,
         )
         return self.stats
+
+    async def _read_next(self) -> list[RawEntry]:
+        """New entries; after a failed read, this consumer's own pending entries first.
+
+        A read that failed on our side (a timeout, a dropped connection) may still have
+        delivered entries to this name: they are taken back here at once, rather than
+        left idle until a reclaim. Called only when nothing is in flight, so every
+        pending entry of this name is one nobody is writing.
+        """
+        if self._reread_own:
+            own = await self.consumer.read_own_pending()
+            if own:
+                log.info("took back %d entries a failed read had delivered", len(own))
+                return own
+            self._reread_own = False
+        try:
+            return await self.consumer.read_new()
+        except StoreUnavailable:
+            self._reread_own = True
+            raise
+
+    async def _read_ahead(self) -> list[RawEntry]:
+        """The next batch, read while the current one is written; [] if Redis failed
+        (the main loop then takes back whatever that read delivered, and retries)."""
+        try:
+            return await self.consumer.read_new()
+        except StoreUnavailable:
+            log.warning("Redis unavailable while reading ahead; taking back its entries")
+            self._reread_own = True
+            return []
 
     async def _until_ok(self, fn, *args):  # type: ignore[no-untyped-def]
         """Call ``fn`` until Redis answers (backing off), or return None when stopping."""
@@ -160,8 +214,14 @@ class Persister:
             while True:
                 time.sleep(3600)
 
-    async def _round(self, raw: list[RawEntry], *, check_deliveries: bool) -> None:
-        """Write one batch (retrying while PostgreSQL is away), then acknowledge it."""
+    async def _round(
+        self, raw: list[RawEntry], *, check_deliveries: bool, read_ahead: bool = False
+    ) -> None:
+        """Write one batch (retrying while PostgreSQL is away), then acknowledge it.
+
+        With ``read_ahead``, the next batch is read while this one is being written: the
+        read starts after the parsing, so that no Redis reply waits on a busy event loop.
+        """
         deleted = [r for r in raw if r[2] is None]
         entries = [Entry(s, i, f) for s, i, f in raw if f is not None]
         too_often: list[tuple[Entry, str]] = []
@@ -177,7 +237,10 @@ class Persister:
                     keep.append(e)
             entries = keep
         self._pause("after_read")
-        written = await self._write(entries, too_often)
+        parsed = parse(entries)
+        if read_ahead and not self.stopping:
+            self._ahead = asyncio.create_task(self._read_ahead())
+        written = await self._write(parsed, too_often)
         if written is None:
             return  # stopping while PostgreSQL is away: the entries stay pending
         self._pause("after_commit")
@@ -191,15 +254,11 @@ class Persister:
         if deleted:
             log.warning("acknowledged %d entries deleted while pending", len(deleted))
 
-    async def _write(
-        self, entries: list[Entry], too_often: list[tuple[Entry, str]]
-    ) -> Written | None:
+    async def _write(self, parsed: Parsed, too_often: list[tuple[Entry, str]]) -> Written | None:
         down_since: float | None = None
         while True:
             try:
-                written = await write_entries(
-                    self.db, entries, self.settings.persister_max_attempts
-                )
+                written = await write_parsed(self.db, parsed, self.settings.persister_max_attempts)
                 if too_often:
                     async with self.db.transaction() as conn:
                         await write_dead_letters(

@@ -15,7 +15,7 @@ import orjson
 
 from persister import queries
 from persister.db import Database, Refused, translated
-from persister.events import Entry, Rows, parse
+from persister.events import Entry, Parsed, Rows, parse
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,12 @@ async def write_entries(db: Database, entries: list[Entry], max_attempts: int) -
 
     Raises ``DatabaseUnavailable`` (nothing written) or ``Transient`` (retry).
     """
-    rows, good, bad = parse(entries)
+    return await write_parsed(db, parse(entries), max_attempts)
+
+
+async def write_parsed(db: Database, parsed: Parsed, max_attempts: int) -> Written:
+    """``write_entries`` on entries already parsed (a retry does not parse again)."""
+    rows, good, bad = parsed
     async with db.transaction() as conn:
         try:
             async with translated(), conn.transaction():  # a savepoint
@@ -119,7 +124,7 @@ async def write_entries(db: Database, entries: list[Entry], max_attempts: int) -
         except Refused as exc:
             log.warning("batch of %d refused (%s): isolating entries", len(good), exc)
             out = await _isolate(conn, good, max_attempts)
-        out.entries = len(entries)
+        out.entries = len(good) + len(bad)
         out.dead.extend(bad)
         await write_dead_letters(conn, bad, 1)
     return out

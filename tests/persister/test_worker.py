@@ -227,3 +227,23 @@ async def test_trims_only_acknowledged_entries_past_retention_or_near_the_cap(
         first = await pstore.client.xrange(k.events, count=1)
         assert first and first[0][1]["user"] == "u-25"
         assert await pstore.client.xlen(k.events) == 5
+
+
+async def test_pipelined_rounds_land_exactly_and_stopping_leaves_nothing_read_ahead(
+    psettings: Settings, pstore: Store, pg: asyncpg.Connection
+) -> None:
+    """Small batches (the next one read while the current one commits): every voucher
+    once; a stop with a batch read ahead writes it, so nothing stays pending to the name."""
+    deals = [await create_deal(pstore, new_deal(60)) for _ in range(4)]
+    issued = await _claim_many(pstore, [d.id for d in deals], 60)
+    async with running_persister(psettings.with_(persister_batch=7), "ahead") as p:
+        assert p.pipeline
+        await wait_caught_up(pstore)
+        assert p.stats.rounds > 10
+        for _ in range(3):  # stop while entries are still pouring in
+            issued |= await _claim_many(pstore, [(await create_deal(pstore, new_deal(30))).id], 30)
+    for key in pstore.keys.all_events():  # nothing left delivered-but-unwritten
+        assert (await pstore.client.xpending(key, STREAM_GROUP))["pending"] == 0
+    async with running_persister(psettings, "after"):
+        await wait_caught_up(pstore)
+    assert await _vouchers(pg) == issued
