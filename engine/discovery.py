@@ -37,7 +37,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from engine.deals import ACTIVE, SCHEDULED, Deal, deal_status
+from engine.deals import ACTIVE, CANCELLED, ENDED, SCHEDULED, SOLD_OUT, Deal, deal_status
 from engine.errors import StoreUnavailable
 from engine.keys import geo_key, geo_sweep_key
 from engine.store import Store
@@ -172,6 +172,9 @@ class Nearby(NamedTuple):
         }
 
 
+_STATUS_JSON = {s: orjson.dumps(s) for s in (SCHEDULED, ACTIVE, SOLD_OUT, ENDED, CANCELLED)}
+
+
 def render(found: list[Nearby]) -> bytes:
     """``{"deals": [n.to_json() ...], "count": n}`` as orjson writes it, from fragments.
 
@@ -183,7 +186,7 @@ def render(found: list[Nearby]) -> bytes:
             n.fixed.json_head,
             max(n.left, 0),
             n.fixed.json_mid,
-            orjson.dumps(n.status),
+            _STATUS_JSON[n.status],
             orjson.dumps(n.distance_km),
         )
         for n in found
@@ -309,6 +312,7 @@ class Discovery:
         self._density = 0.0  # indexed deals per km2 around the last cell loaded
         self._geo_keys = store.keys.all_geo()
         self._cluster = store.settings.redis_cluster
+        self._half_diag: dict[tuple[int, bool], float] = {}
         self._fixed: dict[str, _Fixed] = {}  # insertion-ordered: the oldest go first
         self.fixed_entries = FIXED_ENTRIES
         self.hits = 0
@@ -345,7 +349,9 @@ class Discovery:
         threshold = radius_km  # a deal farther than this cannot be in the answer
         first = True
         while True:
-            want = limit + limit // 8 + 2 if first else max(limit - len(found), 4) * 2
+            # Most candidates are active (terminal ones leave the entry when first seen):
+            # read exactly ``limit`` first, and twice what is missing after that.
+            want = limit if first else max(limit - len(found), 4) * 2
             first = False
             ids = walk.take(want, threshold + GEO_SLACK_KM)
             if not ids:
@@ -442,9 +448,12 @@ class Discovery:
         lng0 = -180.0 + x * step
         lng1 = min(lng0 + step, 180.0)
         clat, clng = (lat0 + lat1) / 2, (lng0 + lng1) / 2
-        corners = ((lat0, lng0), (lat0, lng1), (lat1, lng0), (lat1, lng1))
-        half = max(haversine_km(clat, clng, a, b) for a, b in corners)
-        return (y, x, radius_km, limit), clat, clng, half * 1.0001 + 1e-6
+        half = self._half_diag.get((y, x == cols - 1))
+        if half is None:  # the same for every cell of a row (but the last, maybe narrower)
+            corners = ((lat0, lng0), (lat0, lng1), (lat1, lng0), (lat1, lng1))
+            half = max(haversine_km(clat, clng, a, b) for a, b in corners) * 1.0001 + 1e-6
+            self._half_diag[y, x == cols - 1] = half
+        return (y, x, radius_km, limit), clat, clng, half
 
     async def _entry(
         self, key: tuple[int, int, float, int], clat: float, clng: float, full_km: float,
