@@ -41,6 +41,17 @@ def deal_of_voucher(voucher_id: str) -> str | None:
     return deal_id if sep and head.startswith("v") and deal_id else None
 
 
+def holder_value(voucher_id: str, seq: int, claimed_at_ms: int) -> str:
+    """A claimers-hash value, as ``claim_voucher.lua`` writes it: ``voucher|seq|at``."""
+    return f"{voucher_id}|{seq}|{claimed_at_ms}"
+
+
+def parse_holder(value: str) -> tuple[str, int, int]:
+    """``(voucher_id, seq, claimed_at_ms)`` from a claimers-hash value."""
+    voucher_id, seq, claimed_at = value.split("|", 2)
+    return voucher_id, int(seq), int(claimed_at)
+
+
 @dataclass(frozen=True, slots=True)
 class Claim:
     """A voucher held by a user; ``outcome`` tells whether this call issued it."""

@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 )
 from jwt.algorithms import ECAlgorithm
 
-from engine.claims import Claim, deal_of_voucher
+from engine.claims import Claim, deal_of_voucher, parse_holder
 from engine.deals import MAX_REDEEM_AFTER_END_MS, MAX_WINDOW_MS
 from engine.errors import InvalidVoucher
 from engine.store import Store
@@ -396,7 +396,7 @@ async def read_voucher(store: Store, voucher_id: str) -> HeldVoucher | None:
         held = await store.client.hget(k.claimers, user)
     if held is None:
         return None
-    vid, seq, claimed_at = held.split("|")
+    vid, seq, claimed_at = parse_holder(held)
     if vid != voucher_id:
         return None
     claim = Claim(
@@ -405,8 +405,8 @@ async def read_voucher(store: Store, voucher_id: str) -> HeldVoucher | None:
         deal_id=deal_id,
         user_id=user,
         merchant_id=merchant,
-        seq=int(seq),
-        claimed_at_ms=int(claimed_at),
+        seq=seq,
+        claimed_at_ms=claimed_at,
         redeem_until_ms=int(redeem),
         inventory_left=0,
     )

@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine.claims import holder_value
 from engine.store import Store
 from persister import queries
 from persister.db import Database
@@ -104,7 +105,9 @@ async def _write_chunk(
             if held:
                 pipe.hset(
                     k.claimers,
-                    mapping={v["user_id"]: f"{v['id']}|{v['seq']}|{v['claimed']}" for v in held},
+                    mapping={
+                        v["user_id"]: holder_value(v["id"], v["seq"], v["claimed"]) for v in held
+                    },
                 )
                 pipe.hset(k.vouchers, mapping={v["id"]: v["user_id"] for v in held})
             firsts = redeemed.get(d["id"], [])

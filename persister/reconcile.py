@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine.claims import parse_holder
 from engine.store import Store
 from engine.streams import stream_lag, unacknowledged
 from persister import queries
@@ -89,8 +90,8 @@ def _claimers(raw: dict[str, str]) -> dict[str, tuple[str, int, int]]:
     """voucher id -> (user, seq, claimed_at_ms), from the claimers hash."""
     out = {}
     for user, value in raw.items():
-        vid, seq, at = value.split("|", 2)
-        out[vid] = (user, int(seq), int(at))
+        vid, seq, at = parse_holder(value)
+        out[vid] = (user, seq, at)
     return out
 
 
