@@ -3,19 +3,23 @@
 How an answer is made:
 
 1. **Candidates** come from the geo indexes (one per partition, ``fs:{pNN}:geo``), searched
-   from the centre of the caller's quantized cell with one ``GEOSEARCH ... ASC COUNT m`` per
-   partition, all in one pipeline (on a cluster, redis-py sends each node its share at
-   once). The search is wide enough for any point of the cell, so neighbours share one
-   cached entry: ids, geo-index coordinates and distances from the cell centre, never
-   stock or status. ``COUNT`` keeps a dense city cheap; the entry records how far it is
-   complete (``covered_km``) and is widened when a caller needs more.
-2. **Exact order** for the caller's own point: candidates are walked nearest-first from
-   the caller (a heap fed in order of distance from the centre, so only those that can
-   matter are measured), by Haversine with Earth radius 6371.0088 km.
-3. **Live state** of the nearest few is read on every response (``read_deal``: the hash
-   and the deal's own Redis clock, as claims judge it); only ``active`` deals are kept,
-   and the exact distance is taken from the hash's coordinates (the geo index rounds
-   them to its 52-bit geohash, well under ``GEO_SLACK_KM``).
+   from the centre of the caller's quantized cell by ``search_geo`` (``GEOSEARCH ...
+   WITHCOORD`` in Lua: one call for every partition on one node, one per partition on a
+   cluster, all in the store's one round trip). The search is wide enough for any point
+   of the cell, so neighbours share one cached entry: ids, geo-index coordinates and
+   distances from the cell centre, never stock or status. An entry first covers only the
+   distance that should hold enough deals at the density seen last; it records how far
+   it is complete (``covered_km``) and is widened when a caller needs more.
+2. **Exact order** for the caller's own point: candidates are measured in order of
+   distance from the centre until none left can beat the n-th nearest (triangle
+   inequality), by Haversine with Earth radius 6371.0088 km.
+3. **Live state** of the nearest ``limit`` is read on every response (``read_deals``: one
+   Lua call, per partition on a cluster, returning ``left``, ``cancelled``, ``seq`` and
+   the deal's own Redis clock, as claims judge it); only ``active`` deals are kept, and
+   the exact distance is taken from the hash's coordinates (the geo index rounds them to
+   its 52-bit geohash, well under ``GEO_SLACK_KM``). A deal's fixed fields (title, place,
+   times, total) never change after creation: each process reads them once, with the
+   first live read, and keeps them with their JSON (``render``).
 
 Terminal deals (ended, cancelled, sold out) seen on the way leave the index at once;
 ``sweep`` removes the ended ones nobody looked at, so the index does not grow.
