@@ -234,7 +234,7 @@ class _Nearest:
         # at least ``d - offset`` from the caller (triangle inequality).
         self.offset = haversine_km(lat, lng, c.lat, c.lng)
         self.max_km = max_km
-        self.heap: list[tuple[float, int]] = []
+        self.heap: list[tuple[float, int]] = []  # (Haversine's a, index)
         self.i = 0
         self.rlat = math.radians(lat)
         self.rlng = math.radians(lng)
@@ -245,52 +245,58 @@ class _Nearest:
 
         Candidates are measured in order of distance from the centre until none left
         unmeasured can beat the ``n``-th nearest measured (triangle inequality). Haversine
-        is inlined on radians and cosines computed once per entry: the same formula as
-        ``haversine_km`` to ~1e-12 km, far inside ``GEO_SLACK_KM``.
+        is inlined on radians and cosines computed once per entry, and compared as its
+        ``a`` term (``sin(d / 2R) ** 2``, monotonic in the distance), so ``asin`` and
+        ``sqrt`` run only when a bound moves: the same order as ``haversine_km`` to
+        ~1e-12 km, far inside ``GEO_SLACK_KM``.
         """
-        c, heap, count, i = self.c, self.heap, len(self.c.ids), self.i
-        dist, rlats, rlngs, coslats, ids, dead = (
-            c.dist_km,
-            c.rlats,
-            c.rlngs,
-            c.coslats,
-            c.ids,
-            c.dead,
-        )
+        c, heap, count, start = self.c, self.heap, len(self.c.ids), self.i
+        dist, rlats, rlngs, coslats = c.dist_km, c.rlats, c.rlngs, c.coslats
+        ids, dead = c.ids, c.dead
         offset, rlat, rlng, coslat = self.offset, self.rlat, self.rlng, self.coslat
-        max_km = self.max_km
-        bound = min(max_km, up_to_km)
-        # The n nearest measured and not yet taken, as a max-heap (negated distances).
-        best = [-d for d, _ in heapq.nsmallest(n, heap)]
+        a_max = _a_of(self.max_km)
+        # A candidate farther than this from the centre cannot be among the n nearest.
+        reach = min(self.max_km, up_to_km) + offset
+        # The n nearest measured and not yet taken, as a max-heap (negated ``a``).
+        best = [-a for a, _ in heapq.nsmallest(n, heap)]
         heapq.heapify(best)
         if len(best) >= n:
-            bound = min(bound, -best[0])
-        sin, sqrt, asin = math.sin, math.sqrt, math.asin
-        push, replace = heapq.heappush, heapq.heapreplace
-        while i < count:
-            if dist[i] - offset > bound:
+            reach = min(reach, _km_of(-best[0]) + offset)
+        sin, push, replace = math.sin, heapq.heappush, heapq.heapreplace
+        stop = count
+        for i in range(start, count):
+            if dist[i] > reach:
+                stop = i
                 break
-            if ids[i] not in dead:
-                s_lat = sin((rlats[i] - rlat) * 0.5)
-                s_lng = sin((rlngs[i] - rlng) * 0.5)
-                a = s_lat * s_lat + coslat * coslats[i] * s_lng * s_lng
-                d = _DIAMETER_KM * asin(min(1.0, sqrt(a)))
-                if d <= max_km:
-                    push(heap, (d, i))
-                    if len(best) < n:
-                        push(best, -d)
-                        if len(best) == n:
-                            bound = min(bound, -best[0])
-                    elif d < -best[0]:
-                        replace(best, -d)
-                        bound = min(bound, -best[0])
-            i += 1
-        self.i = i
+            if ids[i] in dead:
+                continue
+            s_lat = sin((rlats[i] - rlat) * 0.5)
+            s_lng = sin((rlngs[i] - rlng) * 0.5)
+            a = s_lat * s_lat + coslat * coslats[i] * s_lng * s_lng
+            if a <= a_max:
+                push(heap, (a, i))
+                if len(best) < n:
+                    push(best, -a)
+                    if len(best) == n:
+                        reach = min(reach, _km_of(-best[0]) + offset)
+                elif a < -best[0]:
+                    replace(best, -a)
+                    reach = min(reach, _km_of(-best[0]) + offset)
+        self.i = stop
         out: list[str] = []
-        pop = heapq.heappop
-        while heap and len(out) < n and heap[0][0] <= up_to_km:
+        pop, a_up = heapq.heappop, _a_of(up_to_km)
+        while heap and len(out) < n and heap[0][0] <= a_up:
             out.append(ids[pop(heap)[1]])
         return out
+
+
+def _a_of(km: float) -> float:
+    """Haversine's ``a`` term of a distance (its inverse is ``_km_of``)."""
+    return math.sin(min(km / _DIAMETER_KM, math.pi / 2)) ** 2
+
+
+def _km_of(a: float) -> float:
+    return _DIAMETER_KM * math.asin(min(1.0, math.sqrt(a)))
 
 
 class Discovery:
