@@ -209,10 +209,8 @@ class _Candidates:
     lat: float  # the search centre
     lng: float
     ids: list[str]
-    lats: array[float]
-    lngs: array[float]
     dist_km: array[float]  # from the centre, ascending
-    # The same coordinates in radians, and the cosines of the latitudes (for the walk).
+    # Where the index puts them, in radians, and the cosines of the latitudes (the walk).
     rlats: array[float]
     rlngs: array[float]
     coslats: array[float]
@@ -519,27 +517,31 @@ class Discovery:
             )
         else:
             replies = [await self.store.run("search_geo", self._geo_keys, args)]
-        rows: list[tuple[float, str, float, float]] = []
+        rows: list[tuple[float, str, float, float, float]] = []
         seen: set[str] = set()
+        # Haversine inlined as in ``_Nearest.take`` (the same formula to ~1e-12 km).
+        c_rlat, c_rlng = math.radians(lat), math.radians(lng)
+        c_cos, sin, cos, radians = math.cos(c_rlat), math.sin, math.cos, math.radians
         for reply in replies:
             for k in range(0, len(reply), 3):
                 member = reply[k]
                 if member not in seen:
                     seen.add(member)
-                    m_lng, m_lat = float(reply[k + 1]), float(reply[k + 2])
-                    rows.append((haversine_km(lat, lng, m_lat, m_lng), member, m_lat, m_lng))
+                    rlng, rlat = radians(float(reply[k + 1])), radians(float(reply[k + 2]))
+                    m_cos = cos(rlat)
+                    s_lat, s_lng = sin((rlat - c_rlat) * 0.5), sin((rlng - c_rlng) * 0.5)
+                    a = s_lat * s_lat + c_cos * m_cos * s_lng * s_lng
+                    rows.append((_km_of(a), member, rlat, rlng, m_cos))
         rows.sort()
         self._density = len(rows) / (math.pi * reach_km**2)
         return _Candidates(
             lat=lat,
             lng=lng,
             ids=[sys.intern(r[1]) for r in rows],
-            lats=array("d", (r[2] for r in rows)),
-            lngs=array("d", (r[3] for r in rows)),
-            dist_km=array("d", (r[0] for r in rows)),
-            rlats=array("d", (math.radians(r[2]) for r in rows)),
-            rlngs=array("d", (math.radians(r[3]) for r in rows)),
-            coslats=array("d", (math.cos(math.radians(r[2])) for r in rows)),
+            dist_km=array("d", [r[0] for r in rows]),
+            rlats=array("d", [r[2] for r in rows]),
+            rlngs=array("d", [r[3] for r in rows]),
+            coslats=array("d", [r[4] for r in rows]),
             covered_km=reach_km + 2 * GEO_SLACK_KM,
             expires_at=self.clock() + self.cache_s,
         )
