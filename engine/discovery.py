@@ -28,6 +28,7 @@ Terminal deals (ended, cancelled, sold out) seen on the way leave the index at o
 from __future__ import annotations
 
 import asyncio
+import functools
 import heapq
 import logging
 import math
@@ -86,6 +87,10 @@ def haversine_km(lat1: float, lng1: float, lat2: float, lng2: float) -> float:
     return 2 * EARTH_RADIUS_KM * math.asin(min(1.0, math.sqrt(a)))
 
 
+# Deals share their times (on the hour, a campaign's end): 7 us each, worth remembering.
+_rfc3339 = functools.lru_cache(maxsize=8_192)(to_rfc3339)
+
+
 @dataclass(frozen=True, slots=True)
 class _Fixed:
     """What never changes in a deal after it is created (and its times as API text)."""
@@ -115,7 +120,7 @@ class _Fixed:
         merchant, title, desc = sys.intern(f[0]), f[1], f[2] or ""
         lat, lng, total = float(f[3]), float(f[4]), int(f[5])
         starts, ends, redeem = int(f[6]), int(f[7]), int(f[8])
-        starts_at, ends_at, redeem_until = to_rfc3339(starts), to_rfc3339(ends), to_rfc3339(redeem)
+        starts_at, ends_at, redeem_until = _rfc3339(starts), _rfc3339(ends), _rfc3339(redeem)
         head = orjson.dumps(
             {"id": deal_id, "merchant_id": merchant, "title": title, "description": desc,
              "lat": lat, "lng": lng, "inventory_total": total}
@@ -238,8 +243,9 @@ class _Nearest:
         self.rlng = math.radians(lng)
         self.coslat = math.cos(self.rlat)
 
-    def take(self, n: int, up_to_km: float) -> list[str]:
-        """Up to ``n`` next nearest ids at most ``up_to_km`` away.
+    def take(self, n: int, up_to_km: float, tail_km: float = 0.0) -> list[str]:
+        """Up to ``n`` next nearest ids at most ``up_to_km`` away, and after them any
+        within ``tail_km`` of the last (so a near tie is read now, not in another trip).
 
         Candidates are measured in order of distance from the centre until none left
         unmeasured can beat the ``n``-th nearest measured (triangle inequality). Haversine
@@ -259,7 +265,7 @@ class _Nearest:
         best = [-a for a, _ in heapq.nsmallest(n, heap)]
         heapq.heapify(best)
         if len(best) >= n:
-            reach = min(reach, _km_of(-best[0]) + offset)
+            reach = min(reach, _km_of(-best[0]) + tail_km + offset)
         sin, push, replace = math.sin, heapq.heappush, heapq.heapreplace
         stop = count
         for i in range(start, count):
@@ -276,15 +282,21 @@ class _Nearest:
                 if len(best) < n:
                     push(best, -a)
                     if len(best) == n:
-                        reach = min(reach, _km_of(-best[0]) + offset)
+                        reach = min(reach, _km_of(-best[0]) + tail_km + offset)
                 elif a < -best[0]:
                     replace(best, -a)
-                    reach = min(reach, _km_of(-best[0]) + offset)
+                    reach = min(reach, _km_of(-best[0]) + tail_km + offset)
         self.i = stop
         out: list[str] = []
         pop, a_up = heapq.heappop, _a_of(up_to_km)
+        last = 0.0
         while heap and len(out) < n and heap[0][0] <= a_up:
-            out.append(ids[pop(heap)[1]])
+            last, k = pop(heap)
+            out.append(ids[k])
+        if tail_km and len(out) == n:
+            a_tail = min(a_up, _a_of(_km_of(last) + tail_km))
+            while heap and heap[0][0] <= a_tail:
+                out.append(ids[pop(heap)[1]])
         return out
 
 
@@ -361,7 +373,9 @@ class Discovery:
             # read exactly ``limit`` first, and twice what is missing after that.
             want = limit if first else max(limit - len(found), 4) * 2
             first = False
-            ids = walk.take(want, threshold + GEO_SLACK_KM)
+            # Index coordinates are up to GEO_SLACK_KM off: a candidate that close behind
+            # the last one taken may still be nearer in truth, so it is read as well.
+            ids = walk.take(want, threshold + GEO_SLACK_KM, 2 * GEO_SLACK_KM)
             if not ids:
                 break
             for deal_id, live in zip(ids, await self._read(ids), strict=True):
