@@ -7,6 +7,8 @@ migrated database with the consumer group rewound to the start of the streams:
 
 1. the bare ``INSERT ... SELECT FROM unnest(...) ON CONFLICT DO NOTHING`` alone, on the
    same rows in batches as large as one persister round (the ceiling for one connection);
+   (after an untimed warm-up pass, so that every run recycles WAL segments rather
+   than the first one creating them);
 2. the persister in this process, sequential (read, write, commit, XACK, read, ...) and
    pipelined (the next XREADGROUP overlaps the current commit); the bench watches the
    persister's own counters, so measuring costs it nothing;
@@ -305,6 +307,10 @@ async def bench(rows: int, batch: int, processes: int, lag_rate: int, lag_s: flo
                             stream_retention_s=3600, data_dir=Path(tmp))  # fmt: skip
             store = await Store.connect(base)
             await _fill(store, rows)
+            # Warm-up, not timed: a fresh cluster creates (zero-fills, fsyncs) its WAL
+            # segments the first time; later runs recycle them. Without this, whichever
+            # run comes first is slower for reasons that are not its own.
+            await _insert_alone(store, await _fresh_db(pg.url, "warm_up"), batch * PARTITIONS)
             dsn = await _fresh_db(pg.url, "insert_alone")
             alone = await _insert_alone(store, dsn, batch * PARTITIONS)
             assert await _count(dsn) == rows

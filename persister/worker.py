@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 
 from engine.errors import DatabaseUnavailable, StoreUnavailable
+from engine.keys import STREAM_GROUP
 from engine.settings import Settings
 from engine.store import Store
 from engine.streams import (
@@ -140,7 +141,15 @@ class Persister:
                 else:
                     entries = await self._until_ok(self._read_next)
                 if entries:
-                    await self._round(entries, check_deliveries=False, read_ahead=self.pipeline)
+                    # Nothing else is in flight here: this name's pending entries must be
+                    # exactly these. More means a read whose reply we never saw (a timeout
+                    # that redis-py retried silently) delivered entries to us: no read-ahead
+                    # this round, and take them back right after it.
+                    lost = await self._own_pending() != len(entries)
+                    self._reread_own = self._reread_own or lost
+                    await self._round(
+                        entries, check_deliveries=False, read_ahead=self.pipeline and not lost
+                    )
             if self._ahead is not None:
                 # Stopping with a batch read ahead: write it too (or, PostgreSQL away, leave
                 # it pending for this name's next start), rather than leave it to a reclaim.
@@ -182,6 +191,24 @@ class Persister:
         except StoreUnavailable:
             self._reread_own = True
             raise
+
+    async def _own_pending(self) -> int | None:
+        """Entries pending under this name over all streams (None if Redis did not say)."""
+        try:
+            async with self.store.guard():
+                pipe = self.store.client.pipeline(transaction=False)
+                for key in self.consumer.keys:
+                    pipe.xpending(key, STREAM_GROUP)
+                replies = await pipe.execute(raise_on_error=False)
+        except StoreUnavailable:
+            return None
+        count = 0
+        for reply in replies:
+            if isinstance(reply, dict):
+                for c in reply.get("consumers") or []:
+                    if str(c["name"]) == self.name:
+                        count += int(c["pending"])
+        return count
 
     async def _read_ahead(self) -> list[RawEntry]:
         """The next batch, read while the current one is written; [] if Redis failed

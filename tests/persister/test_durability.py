@@ -158,6 +158,10 @@ async def test_redis_killed_mid_run_in_aof_mode_loses_no_acknowledged_claim(
         await asyncio.wait_for(asyncio.gather(*tasks), 10)
         assert len(acked) > 100
         own_redis.start()  # same port, same data dir: the AOF is replayed
+        for _ in range(200):  # accepting connections, maybe still loading the AOF
+            if (await store.client.info("persistence")).get("loading") == 0:
+                break
+            await asyncio.sleep(0.05)
         survived: dict[str, str] = {}
         for d in deals:
             k = store.keys.for_deal(d.id)
