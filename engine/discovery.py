@@ -51,6 +51,8 @@ from engine.times import now_ms, to_rfc3339
 log = logging.getLogger(__name__)
 
 EARTH_RADIUS_KM = 6371.0088  # the API's Haversine radius (IUGG mean radius)
+_RADIUS_STEP_KM = 0.5  # cache entries are keyed by the radius rounded up to this
+_LIMIT_STEPS = (10, 20, 50, 100)  # ... and by the limit rounded up to one of these
 REDIS_EARTH_RADIUS_KM = 6372.797560856  # what GEOSEARCH measures with
 # Geo-index coordinates are a 52-bit geohash cell's centre: at most ~0.35 m off the
 # deal's own. Every bound that mixes the two kinds of coordinates allows this much.
@@ -342,9 +344,14 @@ class Discovery:
 
     async def nearby(self, lat: float, lng: float, radius_km: float, limit: int) -> list[Nearby]:
         """Active deals within ``radius_km`` of the point, nearest first, at most ``limit``."""
-        key, clat, clng, half_diag_km = self._cell(lat, lng, radius_km, limit)
-        full_km = radius_km + half_diag_km
-        entry = await self._entry(key, clat, clng, full_km, half_diag_km, limit)
+        # Cache entries are shared by callers whose radius and limit round up to the same
+        # step, so varying them slightly cannot force a miss each time; each caller's own
+        # radius and limit then filter the shared superset exactly.
+        shared_km = math.ceil(radius_km / _RADIUS_STEP_KM) * _RADIUS_STEP_KM
+        shared_limit = next(b for b in _LIMIT_STEPS if b >= limit)
+        key, clat, clng, half_diag_km = self._cell(lat, lng, shared_km, shared_limit)
+        full_km = shared_km + half_diag_km
+        entry = await self._entry(key, clat, clng, full_km, half_diag_km, shared_limit)
         while True:
             found = await self._answer(entry, lat, lng, radius_km, limit)
             if found is not None:

@@ -419,6 +419,21 @@ async def test_neighbours_share_a_cell_entry_and_new_deals_appear_when_it_expire
     assert d.misses == 2
 
 
+async def test_nearby_radii_and_limits_share_an_entry_and_stay_exact(
+    store: Store,
+    discover: Callable[..., Discovery],
+) -> None:
+    """Radii of 2.1-2.4 km and limits of 11-20 share one entry; each answer is exact."""
+    lat, lng = 51.5072, -0.1276
+    near = await place(store, lat + 0.018, lng, "active")  # ~2.0 km north
+    far = await place(store, lat + 0.0207, lng, "active")  # ~2.3 km north
+    d = discover(cache_s=30.0, cell_deg=0.01, clock=Clock())
+    assert [n.deal.id for n in await d.nearby(lat, lng, 2.1, 20)] == [near]
+    assert [n.deal.id for n in await d.nearby(lat, lng, 2.4, 15)] == [near, far]
+    assert [n.deal.id for n in await d.nearby(lat, lng, 2.2, 11)] == [near]
+    assert (d.hits, d.misses) == (2, 1)
+
+
 async def test_terminal_deals_leave_the_index_when_seen_and_when_swept(
     store: Store, discover: Callable[..., Discovery]
 ) -> None:
