@@ -247,3 +247,25 @@ async def test_pipelined_rounds_land_exactly_and_stopping_leaves_nothing_read_ah
     async with running_persister(psettings, "after"):
         await wait_caught_up(pstore)
     assert await _vouchers(pg) == issued
+
+
+async def test_entries_a_lost_read_delivered_are_taken_back_at_once(
+    psettings: Settings, pstore: Store, pg: asyncpg.Connection
+) -> None:
+    """Entries delivered to the persister's name by a read it never saw the reply of (as
+    when a timed-out XREADGROUP is retried by the client) land without waiting for a
+    reclaim (claim_idle 60 s here)."""
+    deal = await create_deal(pstore, new_deal(100))
+    k = pstore.keys.for_deal(deal.id)
+    async with running_persister(psettings.with_(persister_claim_idle_s=60.0), "p-lost") as p:
+        await wait_caught_up(pstore)
+        pipe = pstore.client.pipeline(transaction=True)  # atomic: the persister cannot see them
+        lost = {f"vlost{i}.{deal.id}": f"lost-{i}" for i in range(5)}
+        for i, (voucher, user) in enumerate(lost.items()):
+            entry = {"type": "claim", "deal": deal.id, "seq": 900 + i, "voucher": voucher}
+            pipe.xadd(k.events, {**entry, "user": user, "at": 1_700_000_000_000})
+        pipe.xreadgroup(STREAM_GROUP, p.name, {k.events: ">"}, count=100)
+        await pipe.execute()
+        issued = await _claim_many(pstore, [deal.id], 10)  # the next batch notices
+        await wait_caught_up(pstore, 5)
+    assert await _vouchers(pg) == {**issued, **lost}
