@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api.app import services
+from api.app import Services, services
 from api.errors import error_response
 from api.jsonio import json, read_json_object
 from api.validation import LAT_MAX, Fields, valid_id
@@ -20,7 +22,7 @@ from engine.deals import (
     create_deal,
     get_deal,
 )
-from engine.errors import ClientError, DealNotFound, Unavailable
+from engine.errors import ClientError, DealNotFound, Forbidden, Unauthenticated, Unavailable
 from engine.times import now_ms
 from engine.vouchers import voucher_json
 
@@ -105,27 +107,64 @@ async def cancel(request: Request) -> Response:
     return json({"deal": deal.to_json()})
 
 
-async def claim(request: Request) -> Response:
-    svc = services(request)
-    caller = svc.auth.require(request.headers.get("authorization"), "user")
+async def claim(scope: Scope, receive: Receive, send: Send) -> None:
+    """``POST /v1/deals/{deal_id}/claims`` as a bare ASGI endpoint.
+
+    The hottest route by far: it skips Starlette's Request and Response objects (a
+    sixth of a claim's CPU in the profile) and answers every refusal itself instead of
+    unwinding through the exception middleware. Errors it does not expect still
+    propagate to the app's handlers (a 500 with a request id).
+    """
+    svc: Services = scope["app"].state.services
+    authorization = None
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            authorization = value.decode("latin-1")
+            break
     try:
-        result = await claims.claim(svc.store, _deal_id(request), caller.id)
+        caller = svc.auth.require(authorization, "user")
+        deal_id = scope["path_params"]["deal_id"]
+        if not valid_id(deal_id):
+            raise DealNotFound(deal_id=deal_id[:64])
+        result = await claims.claim(svc.store, deal_id, caller.id)
     except (ClientError, Unavailable) as exc:
-        svc.metrics.claimed(exc.code)
-        # Most answers of a storm are refusals: answer here rather than unwinding
-        # through Starlette's exception middleware (a measurable share of a claim).
-        return error_response(exc)
+        if not isinstance(exc, Unauthenticated | Forbidden):
+            svc.metrics.claimed(exc.code)
+        await error_response(exc)(scope, receive, send)
+        return
     svc.metrics.claimed(result.outcome)
-    token = svc.signer.sign(result)
-    return json(
-        {"voucher": voucher_json(result, token), "inventory_left": result.inventory_left},
-        201 if result.is_new else 200,
+    body = orjson.dumps(
+        {
+            "voucher": voucher_json(result, svc.signer.sign(result)),
+            "inventory_left": result.inventory_left,
+        }
     )
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 201 if result.is_new else 200,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+class BareASGI:
+    """Starlette wraps plain functions as request/response handlers; this one is ASGI."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
 
 
 routes = [
     Route("/v1/deals", create, methods=["POST"]),
     Route("/v1/deals/{deal_id}", read, methods=["GET"]),
     Route("/v1/deals/{deal_id}/cancel", cancel, methods=["POST"]),
-    Route("/v1/deals/{deal_id}/claims", claim, methods=["POST"]),
+    Route("/v1/deals/{deal_id}/claims", BareASGI(claim), methods=["POST"]),
 ]
