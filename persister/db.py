@@ -2,8 +2,10 @@
 
 Every asyncpg exception the persister can meet is translated here, and nowhere else:
 
-- PostgreSQL cannot be reached, or went away mid-transaction -> ``DatabaseUnavailable``
-  (retry the same batch later, with backoff);
+- PostgreSQL cannot be reached, went away mid-transaction, or cannot take writes for
+  now (statement cancelled or timed out, disk full, out of memory, I/O error, shutting
+  down, a read-only standby after a failover) -> ``DatabaseUnavailable`` (retry the same
+  batch later, with backoff);
 - a transient clash between transactions (deadlock, serialization) -> ``Transient``
   (retry at once);
 - PostgreSQL refused the data itself (bad encoding, out of range, cardinality,
@@ -46,6 +48,14 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
     asyncpg.SerializationError,
     asyncpg.LockNotAvailableError,
 )
+# SQLSTATE classes meaning "PostgreSQL cannot take this now, try later": 08 connection
+# exception, 53 insufficient resources (disk full, out of memory), 57 operator
+# intervention (statement timeout or cancel 57014, admin shutdown 57P01, cannot connect
+# now 57P03), 58 system error (I/O); plus 25006, a read-only transaction (a standby
+# after a failover). api/records.py has the same tuple under the same name: DESIGN.md
+# keeps api/ and persister/ independent, so each boundary module carries its own copy.
+_DOWN_CLASSES = ("08", "53", "57", "58")
+_READ_ONLY = "25006"
 # SQLSTATE classes meaning "this data cannot be stored": 21 cardinality, 22 data
 # exception, 23 integrity constraint, 54 program limit (e.g. a value too large to index).
 _REFUSED_CLASSES = ("21", "22", "23", "54")
@@ -63,6 +73,15 @@ class Refused(Exception):
     """PostgreSQL refused the data itself: retrying the same rows will not help."""
 
 
+def _is_down(exc: BaseException) -> bool:
+    if isinstance(exc, _DOWN):
+        return True
+    state = getattr(exc, "sqlstate", None) or ""
+    return isinstance(exc, asyncpg.PostgresError) and (
+        state[:2] in _DOWN_CLASSES or state == _READ_ONLY
+    )
+
+
 def _refused(exc: BaseException) -> bool:
     state = getattr(exc, "sqlstate", None) or ""
     return isinstance(exc, asyncpg.PostgresError) and state[:2] in _REFUSED_CLASSES
@@ -78,6 +97,8 @@ async def translated() -> AsyncIterator[None]:
     except _DOWN as exc:
         raise DatabaseUnavailable() from exc
     except asyncpg.PostgresError as exc:
+        if _is_down(exc):
+            raise DatabaseUnavailable() from exc
         if _refused(exc):
             raise Refused(f"{type(exc).__name__}: {exc}") from exc
         raise
