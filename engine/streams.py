@@ -196,18 +196,6 @@ class Consumer:
                 counts[(stream, str(row["message_id"]))] = int(row["times_delivered"])
         return counts
 
-    async def forget_idle_consumers(self, idle_ms: int) -> None:
-        """Remove consumers that hold nothing and have been silent for ``idle_ms``."""
-        async with self.store.guard():
-            for key in self.keys:
-                try:
-                    consumers = await self.store.client.xinfo_consumers(key, STREAM_GROUP)
-                except rexc.ResponseError:
-                    continue
-                for c in consumers:
-                    if c["name"] != self.name and not c["pending"] and c["idle"] > idle_ms:
-                        await self.store.client.xgroup_delconsumer(key, STREAM_GROUP, c["name"])
-
 
 @dataclass(frozen=True, slots=True)
 class Trimmed:
@@ -269,22 +257,43 @@ async def lease_consumer_name(store: Store, ttl_ms: int, slots: int = 64) -> tup
     raise NameTaken(f"all {slots} persister names on {host} are in use")
 
 
+# Compare-and-set on a lease, atomic in Redis: a GET then a SET from the client could
+# overwrite a lease another process took in between (after ours expired). Run with EVAL
+# (a script this small is not worth a place in the store's registry).
+_RENEW_LEASE = """
+local held = redis.call('GET', KEYS[1])
+if held == ARGV[1] then
+    redis.call('PEXPIRE', KEYS[1], ARGV[2])
+    return 1
+end
+if not held then
+    redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+    return 1
+end
+return 0
+"""
+_RELEASE_LEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
 async def renew_lease(store: Store, name: str, token: str, ttl_ms: int) -> bool:
-    """Extend our lease; False if another process holds the name now."""
-    key = consumer_lease_key(name)
+    """Extend our lease (or take it back if it lapsed and nobody took it); False if
+    another process holds the name now. Atomic: never overwrites another's lease."""
     async with store.guard():
-        held = await store.client.get(key)
-        if held not in (None, token):
-            return False
-        await store.client.set(key, token, px=ttl_ms)
-        return True
+        held = await store.client.eval(
+            _RENEW_LEASE, 1, consumer_lease_key(name), token, str(ttl_ms)
+        )
+        return bool(int(held))
 
 
 async def release_lease(store: Store, name: str, token: str) -> None:
-    key = consumer_lease_key(name)
+    """Drop our lease, only if it is still ours (atomic, like ``renew_lease``)."""
     async with store.guard():
-        if await store.client.get(key) == token:
-            await store.client.delete(key)
+        await store.client.eval(_RELEASE_LEASE, 1, consumer_lease_key(name), token)
 
 
 async def unacknowledged(

@@ -36,8 +36,13 @@ def _fail(command: str, exc: BaseException) -> int:
 
 
 async def persist(settings: Settings, args: argparse.Namespace) -> int:
-    """Run the persister until SIGTERM or Ctrl-C."""
-    from persister.worker import run_persister
+    """Run the persister until SIGTERM or Ctrl-C.
+
+    Exit 2 if every consumer name on this host is leased (``NameTaken``), 1 if another
+    process took this one's name while it ran (``NameLost``; ``flashsale up`` restarts it).
+    """
+    from engine.streams import NameTaken
+    from persister.worker import NameLost, run_persister
 
     _dsn(settings)
     stop = asyncio.Event()
@@ -58,7 +63,14 @@ async def persist(settings: Settings, args: argparse.Namespace) -> int:
                 await task
             return 0
     stopper.cancel()
-    task.result()
+    try:
+        task.result()
+    except NameTaken as exc:
+        print(f"flashsale persist: {exc}", file=sys.stderr)
+        return 2
+    except NameLost as exc:
+        print(f"flashsale persist: {exc}; stopped", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -42,8 +42,6 @@ log = logging.getLogger(__name__)
 LEASE_TTL_MS = 15_000
 LEASE_RENEW_S = 5.0
 RECLAIM_EVERY_S = 5.0
-FORGET_IDLE_CONSUMERS_MS = 24 * 3600 * 1000
-STOP_GRACE_S = 5.0
 BACKOFF_BASE_S = 0.05
 
 
@@ -59,6 +57,10 @@ class Stats:
     acked: int = 0
     trimmed: int = 0
     db_down_s: float = 0.0
+
+
+class NameLost(Exception):
+    """Another process holds this persister's consumer name now (our lease lapsed)."""
 
 
 class Backoff:
@@ -341,17 +343,23 @@ async def run_persister(settings: Settings, stop: asyncio.Event | None = None) -
         else:
             lease = await lease_consumer_name(store, LEASE_TTL_MS)
             name = lease[0]
-            renewer = asyncio.create_task(_renew(store, *lease))
         persister = Persister(settings, store, db, name)
+        if lease is not None:
+            renewer = asyncio.create_task(_renew(store, *lease, persister))
         watcher = asyncio.create_task(_stop_when(stop, persister)) if stop else None
         try:
-            return await persister.run()
+            stats = await persister.run()
         finally:
             if watcher is not None:
                 watcher.cancel()
+        if renewer is not None and renewer.done() and not renewer.cancelled():
+            renewer.result()  # raises NameLost: the name was lost, we stopped consuming
+        return stats
     finally:
         if renewer is not None:
             renewer.cancel()
+            with contextlib.suppress(BaseException):
+                await renewer
         if lease is not None:
             with contextlib.suppress(StoreUnavailable):
                 await release_lease(store, *lease)
@@ -381,11 +389,17 @@ async def _stop_when(stop: asyncio.Event, persister: Persister) -> None:
     persister.stop()
 
 
-async def _renew(store: Store, name: str, token: str) -> None:
+async def _renew(store: Store, name: str, token: str, persister: Persister) -> None:
+    """Keep our lease on the name; if another process holds it now, stop consuming under
+    it (the round in progress finishes) and raise ``NameLost`` (the process exits non-zero
+    and ``flashsale up`` starts a fresh persister, which leases a free name)."""
     while True:
         await asyncio.sleep(LEASE_RENEW_S)
         try:
-            if not await renew_lease(store, name, token, LEASE_TTL_MS):
-                log.error("another process took the consumer name %s", name)
+            if await renew_lease(store, name, token, LEASE_TTL_MS):
+                continue
         except StoreUnavailable:
             continue
+        log.error("another process took the consumer name %s: stopping this persister", name)
+        persister.stop()
+        raise NameLost(f"another process took the consumer name {name}")

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable
 
 import asyncpg
 
 from engine import claims
 from engine.deals import cancel_deal, create_deal
-from engine.keys import STREAM_GROUP
+from engine.keys import STREAM_GROUP, consumer_lease_key
 from engine.settings import Settings
 from engine.store import Store
+from engine.streams import lease_consumer_name, release_lease, renew_lease
 from tests.helpers import new_deal
 from tests.persister.conftest import PersisterProcess, running_persister, wait_caught_up
 
@@ -269,3 +271,56 @@ async def test_entries_a_lost_read_delivered_are_taken_back_at_once(
         issued = await _claim_many(pstore, [deal.id], 10)  # the next batch notices
         await wait_caught_up(pstore, 5)
     assert await _vouchers(pg) == {**issued, **lost}
+
+
+async def test_renewing_a_lease_never_overwrites_one_another_process_took(pstore: Store) -> None:
+    """Our lease lapsed and another process takes the name while we renew: the renewal
+    must fail and leave the other's lease alone (a GET then SET would overwrite it)."""
+    name, token = await lease_consumer_name(pstore, 60_000)
+    key = consumer_lease_key(name)
+    for i in range(100):
+        await pstore.client.delete(key)  # our lease expired
+        other = f"other-{i}"
+        renewed, taken = await asyncio.gather(
+            renew_lease(pstore, name, token, 60_000),
+            pstore.client.set(key, other, nx=True, px=60_000),
+        )
+        held = await pstore.client.get(key)
+        assert bool(renewed) != bool(taken), (i, renewed, taken)
+        assert held == (token if renewed else other), (i, held)
+    await pstore.client.set(key, "other")
+    await release_lease(pstore, name, token)  # not ours: left alone
+    assert await pstore.client.get(key) == "other"
+    await pstore.client.set(key, token)
+    assert await renew_lease(pstore, name, token, 60_000)
+    await release_lease(pstore, name, token)
+    assert await pstore.client.get(key) is None
+
+
+async def test_a_persister_whose_name_is_taken_stops_with_a_clear_error(
+    psettings: Settings, pstore: Store, spawn_persister: Callable[..., PersisterProcess]
+) -> None:
+    """Another process holds our leased name now: stop consuming under it, exit 1."""
+    p = spawn_persister(psettings)
+    await p.wait_for_output(" starting")
+    match = re.search(r"persister (\S+) starting", p.output())
+    assert match, p.output()
+    await pstore.client.set(consumer_lease_key(match.group(1)), "intruder")
+    assert await asyncio.to_thread(p.proc.wait, 15) == 1
+    out = p.output()
+    assert f"flashsale persist: another process took the consumer name {match.group(1)}" in out
+    assert "Traceback" not in out
+    assert await pstore.client.get(consumer_lease_key(match.group(1))) == "intruder"
+
+
+async def test_persist_with_every_name_leased_exits_2_with_one_line(
+    psettings: Settings, pstore: Store, spawn_persister: Callable[..., PersisterProcess]
+) -> None:
+    """NameTaken: a one-line error and exit 2, not a traceback."""
+    for _ in range(64):
+        await lease_consumer_name(pstore, 60_000)
+    p = spawn_persister(psettings)
+    assert await asyncio.to_thread(p.proc.wait, 20) == 2
+    out = p.output()
+    assert "flashsale persist: all 64 persister names on" in out
+    assert "Traceback" not in out
