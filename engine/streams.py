@@ -101,7 +101,7 @@ class Consumer:
         self.count = count
         self.block_ms = block_ms
         self.keys = store.keys.all_events()
-        self._reclaim_from = dict.fromkeys(self.keys, "0-0")
+        self._reclaim_from = dict.fromkeys(self.keys, "-")
 
     async def _call(self, coro: Any) -> Any:
         """Run one group command; a missing group (Redis lost its data) is recreated."""
@@ -160,23 +160,37 @@ class Consumer:
             await pipe.execute()
 
     async def reclaim(self, min_idle_ms: int) -> list[RawEntry]:
-        """Take over entries other consumers left pending too long (XAUTOCLAIM)."""
+        """Take over entries *other* consumers left pending too long (XPENDING + XCLAIM).
+
+        Never this consumer's own: those are in hand (being written, maybe retried for as
+        long as PostgreSQL is away, or read ahead), and claiming them again would only
+        raise their delivery counts until valid entries were dead-lettered as "delivered
+        too often" after a few long stalls. (XAUTOCLAIM cannot leave a consumer out.)
+        XCLAIM re-checks the idle time, so an entry redelivered meanwhile is left alone.
+        """
         out: list[RawEntry] = []
         for key in self.keys:
-            reply = await self._call(
-                self.store.client.xautoclaim(
-                    key,
-                    STREAM_GROUP,
-                    self.name,
-                    min_idle_ms,
-                    start_id=self._reclaim_from[key],
-                    count=self.count,
+            ids: list[str] = []
+            start = self._reclaim_from[key]
+            while len(ids) < self.count:
+                rows = await self._call(
+                    self.store.client.xpending_range(
+                        key, STREAM_GROUP, start, "+", self.count, idle=min_idle_ms
+                    )
                 )
-            )
-            if not reply:
+                rows = rows or []
+                ids += [str(r["message_id"]) for r in rows if str(r["consumer"]) != self.name]
+                if len(rows) < self.count:
+                    start = "-"  # the end: start over next time
+                    break
+                start = f"({rows[-1]['message_id']}"
+            self._reclaim_from[key] = start
+            if not ids:
                 continue
-            self._reclaim_from[key] = str(reply[0])
-            out.extend((key, str(eid), fields or None) for eid, fields in reply[1])
+            claimed = await self._call(
+                self.store.client.xclaim(key, STREAM_GROUP, self.name, min_idle_ms, ids)
+            )
+            out.extend((key, str(eid), fields or None) for eid, fields in claimed or [])
         return out
 
     async def delivery_counts(self, entries: list[RawEntry]) -> dict[tuple[str, str], int]:

@@ -173,3 +173,40 @@ async def test_redis_killed_mid_run_in_aof_mode_loses_no_acknowledged_claim(
         assert set(acked) <= await _pg_vouchers(db_url)
     finally:
         await store.close()
+
+
+async def test_a_long_postgres_outage_never_dead_letters_what_the_persister_holds(
+    own_postgres: EmbeddedPostgres, redis_url: str, tmp_path: Path
+) -> None:
+    """PostgreSQL stopped longer than claim_idle (and a reclaim period) while the persister
+    holds a batch and one read ahead, max deliveries 1: its own reclaim must not take them
+    back (raising their delivery counts); back up, everything lands, nothing dead."""
+    flush(redis_url, False)
+    dsn = await fresh_database(own_postgres.url)
+    settings = Settings(redis_url=redis_url, database_url=dsn, partitions=2, data_dir=tmp_path,
+                        auth_secret=SECRET, persister_batch=10, persister_block_ms=50,
+                        persister_claim_idle_s=1.0, persister_max_deliveries=1,
+                        persister_backoff_max_s=0.3)  # fmt: skip
+    store = await Store.connect(settings)
+    try:
+        deal = await create_deal(store, new_deal(200))
+        async with running_persister(settings, "p-stall") as p:
+            await wait_caught_up(store)
+            own_postgres.stop()
+            issued = {}
+            for i in range(60):
+                c = await claims.claim(store, deal.id, f"u-{i}")
+                issued[c.voucher_id] = c.user_id
+            await asyncio.sleep(6.5)  # > claim_idle and > the reclaim period
+            assert p._ahead is not None  # a batch in hand, and one read ahead
+            own_postgres.start()
+            await wait_caught_up(store, 30)
+            assert p.stats.dead == 0
+        assert await _pg_vouchers(dsn) == set(issued)
+        conn = await asyncpg.connect(dsn)
+        try:
+            assert await conn.fetchval("SELECT count(*) FROM dead_letters") == 0
+        finally:
+            await conn.close()
+    finally:
+        await store.close()
