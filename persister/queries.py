@@ -112,8 +112,6 @@ ON CONFLICT (stream, entry_id) DO UPDATE SET
     failed_at = now()
 """
 
-COUNT_DEAD_LETTERS = "SELECT count(*) FROM dead_letters"
-
 # -- reconcile and rebuild ----------------------------------------------------------
 
 SELECT_DEALS = """
@@ -125,6 +123,10 @@ FROM deals
 WHERE id > $1
 ORDER BY id
 LIMIT $2
+"""
+
+SELECT_DEALS_BY_ID = """
+SELECT *, fs_to_ms(cancelled_at) AS cancelled FROM deals WHERE id = ANY($1::text[])
 """
 
 SELECT_VOUCHERS_OF_DEALS = """

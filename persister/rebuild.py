@@ -15,7 +15,7 @@ from typing import Any
 
 from engine.claims import holder_value
 from engine.store import Store
-from persister import queries
+from persister import queries, scan
 from persister.db import Database
 
 log = logging.getLogger(__name__)
@@ -38,13 +38,7 @@ class Rebuilt:
 
 async def count_deals(store: Store, limit: int = 1) -> int:
     """How many deal hashes Redis holds (stops counting at ``limit``)."""
-    n = 0
-    async with store.guard():
-        async for _ in store.client.scan_iter(match=store.keys.deal_pattern(), count=1000):
-            n += 1
-            if n >= limit:
-                break
-    return n
+    return len(await scan.deal_ids(store, limit))
 
 
 async def rebuild_redis(store: Store, db: Database, *, force: bool = False) -> Rebuilt:

@@ -14,7 +14,7 @@ from typing import Any
 from engine.claims import parse_holder
 from engine.store import Store
 from engine.streams import stream_lag, unacknowledged
-from persister import queries
+from persister import queries, scan
 from persister.db import Database
 
 CHUNK = 500
@@ -79,11 +79,7 @@ async def _in_flight(store: Store) -> _InFlight:
 
 
 async def _redis_deal_ids(store: Store) -> list[str]:
-    ids: list[str] = []
-    async with store.guard():
-        async for key in store.client.scan_iter(match=store.keys.deal_pattern(), count=1000):
-            ids.append(key.rsplit(":deal:", 1)[1])
-    return sorted(ids)
+    return sorted(await scan.deal_ids(store))
 
 
 def _claimers(raw: dict[str, str]) -> dict[str, tuple[str, int, int]]:
@@ -130,13 +126,7 @@ async def _compare_chunk(
             pipe.hgetall(k.claimers)
         replies = await pipe.execute()
     async with db.connection() as conn:
-        pg_deals = {
-            r["id"]: r
-            for r in await conn.fetch(
-                "SELECT *, fs_to_ms(cancelled_at) AS cancelled FROM deals WHERE id = ANY($1)",
-                deal_ids,
-            )
-        }
+        pg_deals = {r["id"]: r for r in await conn.fetch(queries.SELECT_DEALS_BY_ID, deal_ids)}
         pg_vouchers: dict[str, dict[str, Any]] = {d: {} for d in deal_ids}
         for r in await conn.fetch(queries.SELECT_VOUCHERS_OF_DEALS, deal_ids):
             pg_vouchers[r["deal_id"]][r["id"]] = r
