@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 from collections.abc import Sequence
@@ -106,7 +105,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         "reconcile": persister_cli.reconcile,
         "rebuild-redis": persister_cli.rebuild_redis,
     }[args.command]
-    return asyncio.run(handler(wiring.resolve(), args))
+    return persister_cli.run(args.command, handler(wiring.resolve(), args))
 
 
 if __name__ == "__main__":

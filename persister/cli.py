@@ -11,6 +11,8 @@ import contextlib
 import logging
 import signal
 import sys
+from collections.abc import Coroutine
+from typing import Any
 
 from engine.errors import StartupError, Unavailable
 from engine.settings import Settings
@@ -21,6 +23,16 @@ from persister.db import migrate as apply_migrations
 log = logging.getLogger(__name__)
 
 STOP_GRACE_S = 8.0
+
+
+def run(command: str, coro: Coroutine[Any, Any, int]) -> int:
+    """Run one persister command: the long-running ``persist`` on uvloop (less Python
+    per Redis and PostgreSQL round trip), the short ops commands on the default loop."""
+    if command == "persist":
+        import uvloop
+
+        return uvloop.run(coro)
+    return asyncio.run(coro)
 
 
 def _dsn(settings: Settings) -> str:
