@@ -7,9 +7,11 @@ assembles them, so a new area plugs in without reshaping anything.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import importlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +43,18 @@ class Services:
     records: Records | None = None
     # Areas that need more keep it here (set by their ``lifespan`` hooks).
     extras: dict[str, Any] = field(default_factory=dict)
+
+
+@asynccontextmanager
+async def background(coro: Coroutine[Any, Any, None]) -> AsyncIterator[None]:
+    """Run ``coro`` as a task while the block runs; cancel it and wait for it after."""
+    task = asyncio.get_running_loop().create_task(coro)
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def services(request: Request) -> Services:

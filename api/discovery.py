@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 from collections.abc import AsyncIterator
@@ -13,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from api.app import Services, services
+from api.app import Services, background, services
 from api.validation import LAT_MAX, query_int, query_number
 from engine.discovery import Discovery, render
 from engine.errors import InvalidRequest, StoreUnavailable
@@ -71,13 +70,10 @@ async def _sweep_forever(d: Discovery, interval_s: float) -> None:
 async def lifespan(svc: Services) -> AsyncIterator[None]:
     d = Discovery(svc.store)
     svc.extras["discovery"] = d
-    task = asyncio.get_running_loop().create_task(_sweep_forever(d, SWEEP_INTERVAL_S))
     try:
-        yield
+        async with background(_sweep_forever(d, SWEEP_INTERVAL_S)):
+            yield
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
         await d.close()
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import logging
 from collections.abc import AsyncIterator
@@ -15,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from api.app import services
+from api.app import background, services
 from api.jsonio import json, read_json_object
 from api.validation import Fields, valid_id
 from engine import redemptions
@@ -46,13 +45,8 @@ async def lifespan(svc: Services) -> AsyncIterator[None]:
             except Exception:  # a half-copied or unreadable key must not stop signing
                 log.exception("reloading voucher signing keys failed; keeping the current ones")
 
-    task = asyncio.get_running_loop().create_task(reload_forever())
-    try:
+    async with background(reload_forever()):
         yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 async def jwks(request: Request) -> Response:
