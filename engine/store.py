@@ -49,6 +49,9 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     OSError,
 )
 
+# Script calls sent in one round trip at most (a burst beyond it leaves as several).
+MAX_BATCH_CALLS = 1000
+
 SCRIPT_NAMES = (
     "create_deal",
     "claim_voucher",
@@ -227,11 +230,15 @@ class Store:
         return future
 
     def _start_flush(self) -> None:
-        batch, self._queue = self._queue, []
         self._flush_scheduled = False
-        task = asyncio.get_running_loop().create_task(self._flush(batch))
-        self._inflight.add(task)
-        task.add_done_callback(self._inflight.discard)
+        loop = asyncio.get_running_loop()
+        queue, self._queue = self._queue, []
+        # A burst larger than one batch leaves as several, on several connections, so
+        # that no single round trip grows past the read timeout.
+        for start in range(0, len(queue), MAX_BATCH_CALLS):
+            task = loop.create_task(self._flush(queue[start : start + MAX_BATCH_CALLS]))
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
 
     async def _flush(self, batch: list[_Call]) -> None:
         try:

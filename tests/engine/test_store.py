@@ -155,3 +155,22 @@ async def test_an_unpackable_argument_fails_only_its_own_call(store: Store) -> N
     results = await asyncio.gather(*good, bad, return_exceptions=True)
     assert all(isinstance(r, claims.Claim) and r.is_new for r in results[:3])
     assert isinstance(results[3], Exception)
+
+
+async def test_a_burst_larger_than_a_batch_leaves_as_several(store: Store) -> None:
+    """2,500 calls in one loop turn: all answered, in batches of at most MAX_BATCH_CALLS."""
+    from engine.store import MAX_BATCH_CALLS
+
+    deal = await create_deal(store, new_deal(2500))
+    sizes: list[int] = []
+    send = store._send
+
+    async def spy(calls: list, *, by_sha: bool) -> list:  # type: ignore[type-arg]
+        if by_sha:  # not the EVAL resend after a node's first NOSCRIPT
+            sizes.append(len(calls))
+        return await send(calls, by_sha=by_sha)
+
+    store._send = spy  # type: ignore[method-assign]
+    results = await asyncio.gather(*(claims.claim(store, deal.id, f"u-{i}") for i in range(2500)))
+    assert sum(r.is_new for r in results) == 2500
+    assert sum(sizes) == 2500 and max(sizes) <= MAX_BATCH_CALLS and len(sizes) >= 3
