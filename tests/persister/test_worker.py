@@ -154,7 +154,8 @@ async def test_two_persisters_over_several_partitions_count_exactly(
     for key in pstore.keys.all_events():
         names |= {c["name"] for c in await pstore.client.xinfo_consumers(key, STREAM_GROUP)}
     assert len(names) == 2, names  # two leased, distinct names
-    assert all(p.terminate() == 0 for p in procs)
+    codes = [p.terminate() for p in procs]
+    assert codes == [0, 0], [p.output() for p in procs]
 
 
 async def test_a_dead_consumers_entries_are_reclaimed_by_another(
@@ -240,7 +241,8 @@ async def test_pipelined_rounds_land_exactly_and_stopping_leaves_nothing_read_ah
     async with running_persister(psettings.with_(persister_batch=7), "ahead") as p:
         assert p.pipeline
         await wait_caught_up(pstore)
-        assert p.stats.rounds > 10
+        # 244 entries, at most 7 per partition stream (4 of them) per round.
+        assert p.stats.rounds >= 244 // (7 * 4)
         for _ in range(3):  # stop while entries are still pouring in
             issued |= await _claim_many(pstore, [(await create_deal(pstore, new_deal(30))).id], 30)
     for key in pstore.keys.all_events():  # nothing left delivered-but-unwritten
