@@ -159,6 +159,21 @@ class Consumer:
                 pipe.xack(stream, STREAM_GROUP, *ids)
             await pipe.execute()
 
+    async def touch(self, entries: list[RawEntry]) -> None:
+        """Reset the idle time of entries this consumer holds, counting no delivery.
+
+        ``XCLAIM ... JUSTID`` to ourselves: while a batch waits for PostgreSQL, other
+        consumers' reclaims leave it alone instead of raising its delivery count.
+        """
+        by_stream: dict[str, list[str]] = {}
+        for stream, entry_id, _ in entries:
+            by_stream.setdefault(stream, []).append(entry_id)
+        async with self.store.guard():
+            pipe = self.store.client.pipeline(transaction=False)
+            for stream, ids in by_stream.items():
+                pipe.xclaim(stream, STREAM_GROUP, self.name, 0, ids, justid=True)
+            await pipe.execute()
+
     async def reclaim(self, min_idle_ms: int) -> list[RawEntry]:
         """Take over entries *other* consumers left pending too long (XPENDING + XCLAIM).
 

@@ -269,7 +269,7 @@ class Persister:
         parsed = parse(entries)
         if read_ahead and not self.stopping:
             self._ahead = asyncio.create_task(self._read_ahead())
-        written = await self._write(parsed, too_often)
+        written = await self._write(parsed, too_often, raw)
         if written is None:
             return  # stopping while PostgreSQL is away: the entries stay pending
         self._pause("after_commit")
@@ -283,8 +283,11 @@ class Persister:
         if deleted:
             log.warning("acknowledged %d entries deleted while pending", len(deleted))
 
-    async def _write(self, parsed: Parsed, too_often: list[tuple[Entry, str]]) -> Written | None:
+    async def _write(
+        self, parsed: Parsed, too_often: list[tuple[Entry, str]], held: list[RawEntry]
+    ) -> Written | None:
         down_since: float | None = None
+        touched_at = time.monotonic()
         while True:
             try:
                 written = await write_parsed(self.db, parsed, self.settings.persister_max_attempts)
@@ -310,7 +313,19 @@ class Persister:
                     return None
                 delay = self._backoff.next_s()
                 log.warning("PostgreSQL unavailable; retrying the batch in %.2fs", delay)
+                if time.monotonic() - touched_at > self.settings.persister_claim_idle_s / 3:
+                    # Keep other persisters off the batch in hand for as long as it waits.
+                    with contextlib.suppress(StoreUnavailable):
+                        await self.consumer.touch(held + self._read_ahead_entries())
+                        touched_at = time.monotonic()
                 await self._sleep(delay)
+
+    def _read_ahead_entries(self) -> list[RawEntry]:
+        """The next batch, if it has been read already (it is pending to us as well)."""
+        ahead = self._ahead
+        if ahead is None or not ahead.done() or ahead.cancelled() or ahead.exception():
+            return []
+        return ahead.result()
 
     async def _trim(self) -> None:
         try:

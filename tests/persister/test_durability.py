@@ -210,3 +210,34 @@ async def test_a_long_postgres_outage_never_dead_letters_what_the_persister_hold
             await conn.close()
     finally:
         await store.close()
+
+
+async def test_two_persisters_holding_batches_through_an_outage_leave_each_other_alone(
+    own_postgres: EmbeddedPostgres, redis_url: str, tmp_path: Path
+) -> None:
+    """Two persisters each hold a batch while PostgreSQL is down longer than claim_idle:
+    each keeps its batch fresh, so neither reclaims the other's (which would raise the
+    delivery counts past max 1 and dead-letter valid entries); back up, all land."""
+    flush(redis_url, False)
+    dsn = await fresh_database(own_postgres.url)
+    settings = Settings(redis_url=redis_url, database_url=dsn, partitions=2, data_dir=tmp_path,
+                        auth_secret=SECRET, persister_batch=10, persister_block_ms=50,
+                        persister_claim_idle_s=1.0, persister_max_deliveries=1,
+                        persister_backoff_max_s=0.3)  # fmt: skip
+    store = await Store.connect(settings)
+    try:
+        deal = await create_deal(store, new_deal(200))
+        async with running_persister(settings, "p-a") as a, running_persister(settings, "p-b") as b:
+            await wait_caught_up(store)
+            own_postgres.stop()
+            issued = {}
+            for i in range(80):
+                c = await claims.claim(store, deal.id, f"u-{i}")
+                issued[c.voucher_id] = c.user_id
+            await asyncio.sleep(7.0)  # > claim_idle and > the reclaim period
+            own_postgres.start()
+            await wait_caught_up(store, 30)
+            assert a.stats.dead == b.stats.dead == 0
+        assert await _pg_vouchers(dsn) == set(issued)
+    finally:
+        await store.close()
