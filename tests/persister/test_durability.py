@@ -175,18 +175,25 @@ async def test_redis_killed_mid_run_in_aof_mode_loses_no_acknowledged_claim(
         await store.close()
 
 
+async def _stall_settings(pg: EmbeddedPostgres, redis_url: str, tmp_path: Path) -> Settings:
+    """A flushed Redis, a fresh database, and a persister that reclaims after 1 s idle and
+    dead-letters an entry delivered twice: the setting in which holding a batch through an
+    outage must not cost it its deliveries."""
+    flush(redis_url, False)
+    return Settings(redis_url=redis_url, database_url=await fresh_database(pg.url),
+                    partitions=2, data_dir=tmp_path, auth_secret=SECRET, persister_batch=10,
+                    persister_block_ms=50, persister_claim_idle_s=1.0,
+                    persister_max_deliveries=1, persister_backoff_max_s=0.3)  # fmt: skip
+
+
 async def test_a_long_postgres_outage_never_dead_letters_what_the_persister_holds(
     own_postgres: EmbeddedPostgres, redis_url: str, tmp_path: Path
 ) -> None:
     """PostgreSQL stopped longer than claim_idle (and a reclaim period) while the persister
     holds a batch and one read ahead, max deliveries 1: its own reclaim must not take them
     back (raising their delivery counts); back up, everything lands, nothing dead."""
-    flush(redis_url, False)
-    dsn = await fresh_database(own_postgres.url)
-    settings = Settings(redis_url=redis_url, database_url=dsn, partitions=2, data_dir=tmp_path,
-                        auth_secret=SECRET, persister_batch=10, persister_block_ms=50,
-                        persister_claim_idle_s=1.0, persister_max_deliveries=1,
-                        persister_backoff_max_s=0.3)  # fmt: skip
+    settings = await _stall_settings(own_postgres, redis_url, tmp_path)
+    dsn = settings.database_url or ""
     store = await Store.connect(settings)
     try:
         deal = await create_deal(store, new_deal(200))
@@ -218,12 +225,8 @@ async def test_two_persisters_holding_batches_through_an_outage_leave_each_other
     """Two persisters each hold a batch while PostgreSQL is down longer than claim_idle:
     each keeps its batch fresh, so neither reclaims the other's (which would raise the
     delivery counts past max 1 and dead-letter valid entries); back up, all land."""
-    flush(redis_url, False)
-    dsn = await fresh_database(own_postgres.url)
-    settings = Settings(redis_url=redis_url, database_url=dsn, partitions=2, data_dir=tmp_path,
-                        auth_secret=SECRET, persister_batch=10, persister_block_ms=50,
-                        persister_claim_idle_s=1.0, persister_max_deliveries=1,
-                        persister_backoff_max_s=0.3)  # fmt: skip
+    settings = await _stall_settings(own_postgres, redis_url, tmp_path)
+    dsn = settings.database_url or ""
     store = await Store.connect(settings)
     try:
         deal = await create_deal(store, new_deal(200))
