@@ -129,7 +129,8 @@ def run_wrk(label: str, url: str, script: str, env: dict[str, str], seconds: flo
     """Run wrk, wait for it with ``wait4`` (for its CPU time), parse what it printed."""
     argv = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds:g}s",
             "--timeout", "5s", "-s", str(HERE / script), url]  # fmt: skip
-    full_env = {**os.environ, "BENCH_THREADS": str(threads), **env}
+    full_env = {**os.environ, "BENCH_THREADS": str(threads),
+                "BENCH_REPORT": str(HERE / "wrk_report.lua"), **env}  # fmt: skip
     with tempfile.TemporaryFile() as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=full_env)
         _, status, usage = os.wait4(proc.pid, 0)

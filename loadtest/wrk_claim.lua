@@ -5,18 +5,17 @@
 --                    i, i+n, i+2n... (round-robin, so wrapping around is a repeat caller)
 -- env BENCH_THREADS  wrk's -t (the stride)
 -- Prints "status <code> <count>" per response status at the end, then "tokens <n>".
-local threads = {}
+dofile(os.getenv("BENCH_REPORT"))  -- threads, statuses, response(), done()
 local next_id = 0
 
 function setup(thread)
   thread:set("id", next_id)
   next_id = next_id + 1
-  table.insert(threads, thread)
+  register(thread)
 end
 
 local tokens, count, pos, stride
 local prefix, suffix
-statuses = {}
 
 function init(args)
   tokens = {}
@@ -38,23 +37,4 @@ function request()
     pos = pos - count
   end
   return prefix .. token .. suffix
-end
-
-function response(status, headers, body)
-  statuses[status] = (statuses[status] or 0) + 1
-end
-
-function done(summary, latency, requests)
-  local total = {}
-  for _, thread in ipairs(threads) do
-    local s = thread:get("statuses")
-    for code, n in pairs(s) do
-      total[code] = (total[code] or 0) + n
-    end
-  end
-  for code, n in pairs(total) do
-    io.write(string.format("status %d %d\n", code, n))
-  end
-  io.write(string.format("latency_p50_us %d\nlatency_p99_us %d\n",
-    latency:percentile(50), latency:percentile(99)))
 end

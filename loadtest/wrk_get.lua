@@ -5,14 +5,13 @@
 -- env BENCH_SPREAD   degrees around the centre (default 0.1)
 -- env BENCH_RADIUS   radius_km of each discovery request (default 2)
 -- Prints "status <code> <count>" per response status at the end.
-local threads = {}
+dofile(os.getenv("BENCH_REPORT"))  -- threads, statuses, response(), done()
 
 function setup(thread)
-  table.insert(threads, thread)
+  register(thread)
 end
 
 local fixed, lat0, lng0, spread, radius
-statuses = {}
 
 function init(args)
   fixed = os.getenv("BENCH_PATH")
@@ -32,23 +31,4 @@ function request()
   local lng = lng0 + (math.random() * 2 - 1) * spread
   return wrk.format("GET", string.format("/v1/deals?lat=%.5f&lng=%.5f&radius_km=%s&limit=20",
     lat, lng, radius))
-end
-
-function response(status, headers, body)
-  statuses[status] = (statuses[status] or 0) + 1
-end
-
-function done(summary, latency, requests)
-  local total = {}
-  for _, thread in ipairs(threads) do
-    local s = thread:get("statuses")
-    for code, n in pairs(s) do
-      total[code] = (total[code] or 0) + n
-    end
-  end
-  for code, n in pairs(total) do
-    io.write(string.format("status %d %d\n", code, n))
-  end
-  io.write(string.format("latency_p50_us %d\nlatency_p99_us %d\n",
-    latency:percentile(50), latency:percentile(99)))
 end
