@@ -4,7 +4,7 @@ Exit codes:
   pull-keys  0 keys cached; 1 the server answered with something unusable; 3 unreachable
   check      0 accepted; 1 rejected (the reason is printed); 2 usage error or no cached keys
   sync       0 the server answered the upload; 1 it refused it (e.g. the token);
-             3 unreachable
+             2 the token names no merchant (no readable ``sub``); 3 unreachable
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import jwt
 
 from verifier.state import State, default_dir
 from verifier.verify import Rejected, load_jwks, verify
@@ -54,7 +56,9 @@ def _parser() -> argparse.ArgumentParser:
 
     sync = sub.add_parser("sync", help="upload the redemptions not yet synced")
     sync.add_argument("--server", required=True)
-    sync.add_argument("--token", required=True, help="the merchant's API token")
+    sync.add_argument(
+        "--token", required=True, help="the merchant's API token (uploads its entries only)"
+    )
     sync.add_argument("--state", type=Path, default=None, help=state_help)
     return p
 
@@ -151,11 +155,29 @@ def _upload(server: str, token: str, body: dict[str, Any]) -> tuple[int, bytes]:
     return _request(req)
 
 
+def merchant_of(token: str) -> str | None:
+    """The merchant id a caller token names (its ``sub``), or ``None`` if it names none.
+
+    Read without checking the signature: the till does not hold the HS256 secret, and
+    the server checks the token on upload. The id only selects which entries to send.
+    """
+    try:
+        claims = jwt.decode(token.strip(), options={"verify_signature": False})
+    except jwt.InvalidTokenError:
+        return None
+    sub = claims.get("sub")
+    return sub if isinstance(sub, str) and sub else None
+
+
 def sync(state: State, server: str, token: str) -> int:
+    merchant_id = merchant_of(token)
+    if merchant_id is None:
+        print("the token names no merchant (a JWT with a `sub`); nothing uploaded", file=sys.stderr)
+        return EXIT_USAGE
     device = state.device_id()
     counts: Counter[str] = Counter()
     while True:
-        batch = state.unsynced(SYNC_BATCH)
+        batch = state.unsynced(merchant_id, SYNC_BATCH)
         if not batch:
             break
         body = {
@@ -181,7 +203,7 @@ def sync(state: State, server: str, token: str) -> int:
             return EXIT_REJECTED
         sent = {e for e, _t, _a in batch}
         answered = [a for a in answered if a[0] in sent]
-        state.mark_synced(answered, _now())
+        state.mark_synced(merchant_id, answered, _now())
         counts.update(status for _e, status, _c in answered)
         if len(answered) < len(batch):
             print("the server did not answer every entry; run sync again", file=sys.stderr)

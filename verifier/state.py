@@ -102,21 +102,28 @@ class State:
         ).fetchone()
         return str(row[0]) if row else None
 
-    def unsynced(self, limit: int) -> list[tuple[str, str, str]]:
-        """Up to ``limit`` entries not yet answered by the server, oldest first."""
+    def unsynced(self, merchant_id: str, limit: int) -> list[tuple[str, str, str]]:
+        """Up to ``limit`` of the merchant's entries not yet answered by the server, oldest first.
+
+        A state shared by several merchants uploads each one's entries with its own token:
+        another merchant's would come back ``not_your_voucher`` and be lost to it.
+        """
         rows = self.db.execute(
             "SELECT entry_id, token, redeemed_at FROM redemptions"
-            " WHERE sync_status IS NULL ORDER BY redeemed_at, entry_id LIMIT ?",
-            (limit,),
+            " WHERE merchant_id = ? AND sync_status IS NULL"
+            " ORDER BY redeemed_at, entry_id LIMIT ?",
+            (merchant_id, limit),
         ).fetchall()
         return [(str(a), str(b), str(c)) for a, b, c in rows]
 
-    def mark_synced(self, results: list[tuple[str, str, str | None]], at: str) -> None:
-        """Store the server's answer per entry (status, code) in one transaction."""
+    def mark_synced(
+        self, merchant_id: str, results: list[tuple[str, str, str | None]], at: str
+    ) -> None:
+        """Store the server's answer to the merchant's upload per entry, in one transaction."""
         with self.db:
             self.db.execute("BEGIN")
             self.db.executemany(
                 "UPDATE redemptions SET sync_status = ?, sync_code = ?, synced_at = ?"
-                " WHERE entry_id = ? AND sync_status IS NULL",
-                [(status, code, at, entry_id) for entry_id, status, code in results],
+                " WHERE entry_id = ? AND merchant_id = ? AND sync_status IS NULL",
+                [(status, code, at, entry_id, merchant_id) for entry_id, status, code in results],
             )

@@ -12,18 +12,26 @@ from typing import Any
 import httpx
 import pytest
 
+from api.auth import mint
 from engine.vouchers import rotate_key
 from flashsale.embedded import free_port
 from tests.api.conftest import RunningApi
 from tests.vouchers.forge import forgeries, high_s, public_pem, resign
-from tests.vouchers.helpers import claim, create_deal, server_key
-from verifier.cli import main
+from tests.vouchers.helpers import auth, claim, create_deal, server_key
+from verifier.cli import STATUSES, main
+from verifier.state import State
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
     code = main(list(argv))
     out = capsys.readouterr()
     return code, out.out + out.err
+
+
+def counts(out: str) -> dict[str, int]:
+    """The per-status counts a sync prints (`accepted: 2` ...)."""
+    lines = dict(line.split(": ", 1) for line in out.splitlines() if ": " in line)
+    return {name: int(lines[name]) for name in STATUSES}
 
 
 @pytest.fixture
@@ -102,8 +110,13 @@ def test_sync_uploads_once_and_two_tills_give_one_conflict(
     assert (
         run(capsys, "check", vouchers[2]["token"], "--merchant", "m-1", "--state", till_b)[0] == 0
     )
+    # A token whose merchant the till can read but the server refuses: 401, nothing marked.
+    forged = mint("not-the-server-secret-" + "y" * 32, "m-1", "merchant")
+    code, out = run(capsys, "sync", "--server", api.url, "--token", forged, "--state", till_b)
+    assert code == 1 and "401" in out
+    # One that names no merchant at all is not sent anywhere.
     code, out = run(capsys, "sync", "--server", api.url, "--token", "nope", "--state", till_b)
-    assert code != 0 and "401" in out
+    assert code == 2 and "names no merchant" in out
     dead = f"http://127.0.0.1:{free_port()}"
     code, _ = run(capsys, "sync", "--server", dead, "--token", merchant, "--state", till_b)
     assert code == 3
@@ -111,6 +124,57 @@ def test_sync_uploads_once_and_two_tills_give_one_conflict(
     # What failed to upload is still there for the next sync.
     code, out = run(capsys, "sync", "--server", api.url, "--token", merchant, "--state", till_b)
     assert code == 0 and "accepted: 1" in out
+
+
+def test_a_state_shared_by_two_merchants_syncs_each_only_its_own_entries(
+    api: RunningApi,
+    client: httpx.Client,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Each sync uploads the entries of its token's merchant; the other's wait for theirs."""
+    state = str(tmp_path / "till")
+    merchants = ("m-a", "m-b")
+    tokens = {m: api.token("merchant", m) for m in merchants}
+    vouchers: dict[str, list[dict[str, Any]]] = {}
+    for m in merchants:
+        deal = create_deal(client, tokens[m])
+        vouchers[m] = [claim(client, deal["id"], api.token("user", f"u-{m}-{i}")) for i in range(2)]
+    assert run(capsys, "pull-keys", "--server", api.url, "--state", state)[0] == 0
+    for i in range(2):  # interleaved, as two merchants sharing a counter would scan
+        for m in merchants:
+            code, out = run(capsys, "check", vouchers[m][i]["token"], "--merchant", m,
+                            "--state", state)  # fmt: skip
+            assert code == 0, out
+
+    def sync(m: str) -> dict[str, int]:
+        code, out = run(capsys, "sync", "--server", api.url, "--token", tokens[m], "--state", state)
+        assert code == 0, out
+        return counts(out)
+
+    def status_on_server(m: str, voucher: dict[str, Any]) -> str:
+        r = client.get(f"/v1/vouchers/{voucher['id']}", headers=auth(tokens[m]))
+        assert r.status_code == 200, r.text
+        return str(r.json()["status"])
+
+    assert sync("m-a") == {"accepted": 2, "duplicate": 0, "conflict": 0, "rejected": 0}
+    log = State(Path(state))
+    try:
+        assert log.unsynced("m-a", 10) == []
+        left = {token for _entry, token, _at in log.unsynced("m-b", 10)}
+        assert left == {v["token"] for v in vouchers["m-b"]}
+    finally:
+        log.close()
+    assert [status_on_server("m-b", v) for v in vouchers["m-b"]] == ["issued", "issued"]
+
+    assert sync("m-b") == {"accepted": 2, "duplicate": 0, "conflict": 0, "rejected": 0}
+    assert sync("m-a") == dict.fromkeys(STATUSES, 0)  # nothing left for either
+    assert sync("m-b") == dict.fromkeys(STATUSES, 0)
+    for m in merchants:
+        for v in vouchers[m]:
+            assert status_on_server(m, v) == "redeemed"
+            r = client.post("/v1/redemptions", json={"token": v["token"]}, headers=auth(tokens[m]))
+            assert r.status_code == 409 and r.json()["error"]["code"] == "already_redeemed"
 
 
 def test_rotation_old_and_new_vouchers_verify_offline(
