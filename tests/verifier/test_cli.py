@@ -16,28 +16,11 @@ from api.auth import mint
 from engine.vouchers import rotate_key
 from flashsale.embedded import free_port
 from tests.api.conftest import RunningApi
+from tests.verifier.helpers import counts, run
 from tests.vouchers.forge import forgeries, high_s, public_pem, resign
 from tests.vouchers.helpers import auth, claim, create_deal, server_key
-from verifier.cli import STATUSES, main
+from verifier.cli import STATUSES
 from verifier.state import State
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
-    code = main(list(argv))
-    out = capsys.readouterr()
-    return code, out.out + out.err
-
-
-def counts(out: str) -> dict[str, int]:
-    """The per-status counts a sync prints (`accepted: 2` ...)."""
-    lines = dict(line.split(": ", 1) for line in out.splitlines() if ": " in line)
-    return {name: int(lines[name]) for name in STATUSES}
-
-
-@pytest.fixture
-def vouchers(api: RunningApi, client: httpx.Client) -> list[dict[str, Any]]:
-    deal = create_deal(client, api.token("merchant", "m-1"))
-    return [claim(client, deal["id"], api.token("user", f"u-{i}")) for i in range(3)]
 
 
 def test_check_accepts_once_and_refuses_every_forgery_offline(
