@@ -5,12 +5,14 @@ Exit codes:
   check      0 accepted; 1 rejected (the reason is printed); 2 usage error or no cached keys
   sync       0 the server answered the upload; 1 it refused it (e.g. the token);
              2 the token names no merchant (no readable ``sub``); 3 unreachable
+  any        2 the state directory cannot be made private to its owner (see state.py)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sqlite3
 import sys
 import urllib.error
 import urllib.request
@@ -21,7 +23,7 @@ from typing import Any
 
 import jwt
 
-from verifier.state import State, default_dir
+from verifier.state import State, UnsafeStateDir, default_dir
 from verifier.verify import Rejected, load_jwks, verify
 
 EXIT_OK, EXIT_REJECTED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
@@ -70,7 +72,13 @@ def main(argv: list[str]) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # -h, or a usage error
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    state = State(args.state or default_dir())
+    try:
+        state = State(args.state or default_dir())
+    except (UnsafeStateDir, OSError, sqlite3.Error) as exc:
+        print(f"cannot use the state directory: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if state.notice:
+        print(state.notice, file=sys.stderr)
     try:
         if args.command == "pull-keys":
             return pull_keys(state, args.server)

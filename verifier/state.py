@@ -1,4 +1,8 @@
-"""The till's state directory: the cached JWKS and the SQLite redemption log."""
+"""The till's state directory: the cached JWKS and the SQLite redemption log.
+
+Everything in it is readable by its owner only: the directory is 0700 and every file
+0600 from the moment it exists (a voucher token in the log is as good as the voucher).
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,16 @@ import json
 import os
 import secrets
 import sqlite3
+import stat
 import uuid
 from pathlib import Path
 from typing import Any
 
 JWKS_FILE = "jwks.json"
 LOG_FILE = "redemptions.sqlite"
+# The files SQLite keeps next to the log while it is open (or after a crash).
+LOG_COMPANIONS = ("-wal", "-shm", "-journal")
+DIR_MODE, FILE_MODE = 0o700, 0o600
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -33,12 +41,74 @@ def default_dir() -> Path:
     return Path.home() / ".flashsale-verifier"
 
 
+class UnsafeStateDir(Exception):
+    """The state directory cannot be made private to its owner; the message says why."""
+
+
+def _is_state_file(name: str) -> bool:
+    return (
+        name == JWKS_FILE
+        or (name.startswith(f".{JWKS_FILE}.") and name.endswith(".tmp"))
+        or name in {LOG_FILE, *(LOG_FILE + suffix for suffix in LOG_COMPANIONS)}
+    )
+
+
+def _private_dir(directory: Path) -> str | None:
+    """Create ``directory`` 0700, or tighten an existing one of ours that holds only state.
+
+    Returns a notice for the user when it changed an existing directory's mode. Refuses
+    (``UnsafeStateDir``) a directory of another user, or one open to others that holds
+    other files: it is shared, and locking others out of it is not the verifier's call.
+    """
+    directory.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)  # the umask can only narrow
+    st = directory.stat()
+    if st.st_uid != os.geteuid():
+        raise UnsafeStateDir(f"{directory} belongs to another user; use a directory of your own")
+    mode = stat.S_IMODE(st.st_mode)
+    if not mode & 0o077:
+        return None
+    others = sorted(name for name in os.listdir(directory) if not _is_state_file(name))
+    if others:
+        raise UnsafeStateDir(
+            f"{directory} is open to others (mode {mode:04o}) and holds other files"
+            f" ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}):"
+            " use a directory of its own for the verifier's state"
+        )
+    try:
+        directory.chmod(DIR_MODE)
+    except OSError as exc:
+        raise UnsafeStateDir(f"cannot make {directory} private: {exc}") from exc
+    return f"made {directory} private to its owner (mode {mode:04o} -> {DIR_MODE:04o})"
+
+
+def _tighten(path: Path) -> None:
+    """Make an existing state file 0600 (one left by an earlier version, say)."""
+    try:
+        if stat.S_IMODE(path.stat().st_mode) & 0o077:
+            path.chmod(FILE_MODE)
+    except FileNotFoundError:
+        pass  # SQLite removed its -wal or -shm meanwhile
+    except OSError as exc:
+        raise UnsafeStateDir(f"cannot make {path} private: {exc}") from exc
+
+
+def _create_private(path: Path) -> None:
+    """Create ``path`` empty and 0600 unless it exists: never readable by others."""
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE))
+
+
 class State:
-    """One till's cached keys and log, in ``directory``."""
+    """One till's cached keys and log, in ``directory``; ``notice`` is for the user."""
 
     def __init__(self, directory: Path) -> None:
         self.dir = directory
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.notice = _private_dir(directory)
+        for name in os.listdir(directory):
+            if _is_state_file(name):
+                _tighten(directory / name)
+        # SQLite creates a new log 0644 (less the umask) but its -wal, -shm and -journal
+        # with the log's own mode: a log created 0600 here keeps all of them private.
+        _create_private(directory / LOG_FILE)
         self.db = sqlite3.connect(self.dir / LOG_FILE, timeout=10, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")  # a till may lose power: keep what it saw
@@ -52,7 +122,9 @@ class State:
     def save_jwks(self, document: dict[str, Any]) -> None:
         """Replace the cached JWKS atomically."""
         tmp = self.dir / f".{JWKS_FILE}.{secrets.token_hex(4)}.tmp"
-        tmp.write_text(json.dumps(document, sort_keys=True), encoding="utf-8")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(document, sort_keys=True))
         os.replace(tmp, self.dir / JWKS_FILE)
 
     def load_jwks(self) -> Any | None:
