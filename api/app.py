@@ -1,6 +1,6 @@
 """The Starlette application: services in the lifespan, routes from each area module.
 
-Each area (deals, discovery, vouchers, me, ops) is a module exposing ``routes`` and,
+Each area (deals, discovery, vouchers, me, ops, till) is a module exposing ``routes`` and,
 if it needs set-up, ``lifespan(services)`` (an async context manager); the app only
 assembles them, so a new area plugs in without reshaping anything.
 """
@@ -62,7 +62,7 @@ def services(request: Request) -> Services:
     return request.app.state.services  # type: ignore[no-any-return]
 
 
-_AREAS = ("ops", "deals", "discovery", "vouchers", "me")
+_AREAS = ("ops", "deals", "discovery", "vouchers", "me", "till")
 
 
 def _area_modules() -> list[Any]:
