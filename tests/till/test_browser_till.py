@@ -226,6 +226,9 @@ def test_the_feed_teaches_the_till_what_other_tills_redeemed(
     till = launch_till(pw, tmp_path / "till")
     try:
         page = open_till(till, api.url)
+        page.get_by_label("Merchant token").fill(api.token("user", "u-1"))
+        page.get_by_role("button", name="Save").click()
+        expect(page.locator("#merchant")).to_contain_text("Not saved: this is a user's token")
         page.route(re.compile(r".*/v1/redemptions\?.*"), feed)
         set_up(page, merchant, "m-1")  # saving the token reads the feed
         expect(page.locator("#feed")).to_contain_text("up to date")

@@ -61,7 +61,12 @@ function localTime(iso) {
 // -- the merchant ------------------------------------------------------------------------
 
 function merchantOf(token) {
-  const payload = unverifiedPayload(token); // HS256: only the server can check it
+  let payload;
+  try {
+    payload = unverifiedPayload(token); // HS256: only the server can check it
+  } catch {
+    throw new Error("this is not a merchant token");
+  }
   if (typeof payload.sub !== "string" || !payload.sub) throw new Error("the token names no merchant");
   if (payload.role !== undefined && payload.role !== "merchant") {
     throw new Error(`this is a ${payload.role}'s token, not a merchant's`);
@@ -90,7 +95,7 @@ async function saveMerchant() {
   try {
     merchant = merchantOf(token);
   } catch (exc) {
-    showMerchant(`Not saved: ${exc instanceof Error && exc.message.startsWith("this") ? exc.message : "this is not a merchant token"}.`);
+    showMerchant(`Not saved: ${exc.message}.`);
     return;
   }
   await store.setMeta("merchant_token", token);
@@ -298,12 +303,15 @@ async function sync() {
     item.textContent = note;
     ui.syncDetails.append(item);
   }
-  await showUnsynced();
-  if (reached) {
-    await refreshKeys();
-    await pullFeed();
+  try {
+    await showUnsynced();
+    if (reached) {
+      await refreshKeys();
+      await pullFeed();
+    }
+  } finally {
+    ui.sync.disabled = false;
   }
-  ui.sync.disabled = false;
 }
 
 // -- camera ------------------------------------------------------------------------------
