@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from playwright.sync_api import BrowserContext, Page, Playwright, expect, sync_playwright
 
 from tests.api.conftest import RunningApi
-from tests.till.conftest import CHROMIUM_ARGS, ApiProcess
+from tests.till.conftest import CHROMIUM, CHROMIUM_ARGS, ApiProcess
 from tests.till.y4m import png_to_y4m
 from tests.vouchers.forge import b64, forgeries, public_pem, resign, unb64
 from tests.vouchers.helpers import auth, claim, create_deal, server_key
@@ -35,7 +35,7 @@ def pw(chromium: Path) -> Iterator[Playwright]:
 def launch_till(pw: Playwright, profile: Path, **options: Any) -> BrowserContext:
     """A till: Chromium with a profile of its own (kept across a browser restart)."""
     context = pw.chromium.launch_persistent_context(
-        profile, executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS, headless=True,
+        profile, executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True,
         **options,
     )  # fmt: skip
     context.set_default_timeout(15_000)
@@ -170,7 +170,7 @@ def test_scan_reads_the_vouchers_qr_code_from_the_camera(
     png_to_y4m(png.content, video)
 
     browser = pw.chromium.launch(
-        executable_path="/usr/bin/chromium", headless=True,
+        executable_path=str(CHROMIUM), headless=True,
         args=[*CHROMIUM_ARGS, "--use-fake-device-for-media-stream",
               "--use-fake-ui-for-media-stream", f"--use-file-for-fake-video-capture={video}"],
     )  # fmt: skip
