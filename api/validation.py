@@ -101,7 +101,10 @@ class Fields:
         try:
             ms = parse_rfc3339(value)
         except (ValueError, OverflowError):
-            self.problems[name] = "must be an RFC 3339 timestamp with a zone"
+            self.problems[name] = (
+                "must be an RFC 3339 timestamp with a zone, e.g. 2026-11-24T18:00:00Z "
+                "or 2026-11-24T23:30:00+05:30"
+            )
             return None
         if ms > LAST_MS:
             self.problems[name] = "must be before 9999-12-01"
