@@ -81,8 +81,23 @@ def _depth(value: Any, limit: int) -> int:
     return deepest
 
 
+# What a client sent instead of an object, in JSON's words (bool is not a number here).
+_JSON_KINDS = {
+    list: "an array",
+    str: "a string",
+    int: "a number",
+    float: "a number",
+    bool: "a boolean",
+    type(None): "null",
+}
+
+
 async def read_json_object(request: Request, limit: int = MAX_BODY_BYTES) -> dict[str, Any]:
-    """Parse the body as one JSON object (400 ``invalid_json`` otherwise)."""
+    """Parse the body as one JSON object.
+
+    A body that is not JSON is 400 ``invalid_json``; JSON of another shape (an array, a
+    string, a number, null) is 422 ``invalid_request``, naming the body as the bad field.
+    """
     body = await read_body(request, limit)
     if not body.strip():
         raise InvalidJson("The request body is empty; a JSON object is expected.")
@@ -90,8 +105,12 @@ async def read_json_object(request: Request, limit: int = MAX_BODY_BYTES) -> dic
         value = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         value = _lenient_loads(body, exc)
-    if not isinstance(value, dict):
-        raise InvalidJson("The request body must be a JSON object.")
     if _depth(value, MAX_DEPTH) > MAX_DEPTH:
         raise InvalidJson(f"The request body is nested deeper than {MAX_DEPTH} levels.")
+    if not isinstance(value, dict):
+        got = _JSON_KINDS.get(type(value), "something else")
+        raise InvalidRequest(
+            f"The request body must be a JSON object, not {got}.",
+            fields={"body": f"must be a JSON object, not {got}"},
+        )
     return value

@@ -55,12 +55,9 @@ VERY_NESTED = '{"a":' * 5000 + "1" + "}" * 5000
 # (name, method, path, body (json / bytes / None), token (role or raw string or None),
 #  expected status, expected code)
 CASES: list[tuple[str, str, str, Any, Any, int, str]] = [
-    # -- body is not a JSON object -> 400
+    # -- body is not JSON -> 400
     ("truncated json", "POST", "/v1/deals", raw("{"), "merchant", 400, "invalid_json"),
     ("empty body", "POST", "/v1/deals", raw(""), "merchant", 400, "invalid_json"),
-    ("json array", "POST", "/v1/deals", [1, 2], "merchant", 400, "invalid_json"),
-    ("json string", "POST", "/v1/deals", "hello", "merchant", 400, "invalid_json"),
-    ("json null", "POST", "/v1/deals", raw("null"), "merchant", 400, "invalid_json"),
     ("invalid utf-8", "POST", "/v1/deals", raw(b'{"title": "\xff\xfe"}'), "merchant", 400,
      "invalid_json"),
     ("NaN", "POST", "/v1/deals", raw('{"title": "x", "lat": NaN}'), "merchant", 400,
@@ -74,6 +71,10 @@ CASES: list[tuple[str, str, str, Any, Any, int, str]] = [
     ("nested 5000 deep", "POST", "/v1/deals", raw(VERY_NESTED), "merchant", 400, "invalid_json"),
     ("trailing garbage", "POST", "/v1/deals", raw('{"title": "x"} x'), "merchant", 400,
      "invalid_json"),
+    # -- JSON of the wrong shape -> 422
+    ("json array", "POST", "/v1/deals", [1, 2], "merchant", 422, "invalid_request"),
+    ("json string", "POST", "/v1/deals", "hello", "merchant", 422, "invalid_request"),
+    ("json null", "POST", "/v1/deals", raw("null"), "merchant", 422, "invalid_request"),
     # -- fields -> 422
     ("title missing", "POST", "/v1/deals", deal(title=...), "merchant", 422, "invalid_request"),
     ("title empty", "POST", "/v1/deals", deal(title=""), "merchant", 422, "invalid_request"),
