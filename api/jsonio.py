@@ -28,6 +28,12 @@ def json(content: Any, status: int = 200, headers: dict[str, str] | None = None)
     return JSONResponse(content, status_code=status, headers=headers)
 
 
+def _too_large(limit: int) -> PayloadTooLarge:
+    mib, rest = divmod(limit, 1024 * 1024)
+    size = f"{mib} MiB" if rest == 0 else f"{limit // 1024} KiB"
+    return PayloadTooLarge(f"The request body is over {size}.", limit_bytes=limit)
+
+
 async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
     """The body, refused with 413 as soon as it is known to exceed ``limit``.
 
@@ -39,13 +45,13 @@ async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
         if not declared.isdigit():
             raise InvalidRequest("Content-Length is not a number.")
         if int(declared) > limit:
-            raise PayloadTooLarge(limit_bytes=limit)
+            raise _too_large(limit)
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise PayloadTooLarge(limit_bytes=limit)
+            raise _too_large(limit)
         chunks.append(chunk)
     return b"".join(chunks)
 

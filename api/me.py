@@ -23,7 +23,6 @@ from engine.vouchers import voucher_json
 
 DEFAULT_LIMIT = 20
 MAX_LIMIT = 100
-_PARAMS = {"limit", "cursor"}
 
 
 def encode_cursor(claimed_ms: int, voucher_id: str) -> str:
@@ -67,8 +66,7 @@ async def my_vouchers(request: Request) -> Response:
     caller = svc.auth.require(request.headers.get("authorization"), "user")
     params = request.query_params
     problems: dict[str, str] = {}
-    for unknown in sorted(set(params.keys()) - _PARAMS):
-        problems[unknown] = "unknown parameter"
+    # Unknown parameters are ignored, as on every GET (cache-busters are common).
     limit = query_int(params, "limit", problems, default=DEFAULT_LIMIT, low=1, high=MAX_LIMIT)
     before = None
     cursor = params.get("cursor")
