@@ -32,8 +32,6 @@ from engine.times import parse_rfc3339, to_rfc3339
 from engine.vouchers import VoucherClaims, VoucherSigner
 
 MAX_SYNC_ENTRIES = 1000
-# A device clock may run this far ahead of Redis's before its times are implausible.
-CLOCK_SKEW_MS = 5 * 60_000
 # A merchant's entry results are kept this long after its last upload: longer than any
 # voucher lives (120 days), so a re-sent entry is always recognised while it matters.
 SYNC_ENTRIES_TTL_S = 180 * 86_400
@@ -68,6 +66,8 @@ async def _run(
     at_ms: int | None,
 ) -> tuple[str, int, int]:
     k = store.keys.for_deal(claims.deal_id)
+    # Online, the time is Redis's own clock: no device drift to allow for.
+    drift_ms = 0 if at_ms is None else store.settings.device_clock_drift_ms
     outcome, at, first_at = await store.run(
         "redeem_voucher",
         (k.redemptions, k.vouchers, k.claimers, k.events),
@@ -80,7 +80,7 @@ async def _run(
             entry_id,
             "" if at_ms is None else at_ms,
             claims.expires_at_s * 1000,
-            CLOCK_SKEW_MS,
+            drift_ms,
             store.settings.stream_cap,
         ),
     )
@@ -218,10 +218,12 @@ async def _redeem_in_order(
                 entry.entry_id, "expired", "The voucher was redeemed after it expired."
             )
         elif outcome == "implausible":
+            drift_s = store.settings.device_clock_drift_ms // 1000
             entry.result = _rejected(
                 entry.entry_id,
                 "implausible_time",
-                "redeemed_at is in the future or before the voucher was claimed.",
+                f"redeemed_at is more than {drift_s} s ahead of the server's clock "
+                f"or more than {drift_s} s before the voucher was claimed.",
             )
         else:  # 'unknown' ('already' is online only)
             entry.result = _rejected(

@@ -67,6 +67,10 @@ class Settings:
     discovery_cache_s: float = 30.0
     discovery_cell_deg: float = 0.01
     token_cache_size: int = 100_000
+    # How far a till's clock may drift, either way, before a synced redemption time is
+    # implausible: later than Redis's now + this, or earlier than the claim - this.
+    # API.md fixes it at 5 minutes.
+    device_clock_drift_ms: int = 5 * 60_000
     # prometheus-client's own variable: where each worker process writes its metrics.
     metrics_multiproc_dir: str | None = None
     # The persister (persister/worker.py). A consumer name must be unique and stable

@@ -13,7 +13,8 @@
 -- ARGV[6]  entry id    ('' for an online redemption)
 -- ARGV[7]  redeemed at, ms ('' = now, by Redis's clock: online redemptions)
 -- ARGV[8]  voucher exp, ms (the token's exp * 1000)
--- ARGV[9]  allowed clock skew, ms (a device time later than now + skew is implausible)
+-- ARGV[9]  allowed device clock drift, ms, either way: a time later than now + drift, or
+--          earlier than the voucher's claim - drift, is implausible (0 online)
 -- ARGV[10] stream cap (entries)
 --
 -- Redemptions hash value: "<at_ms>|<device>|<entry>|<merchant>". device and entry are
@@ -30,7 +31,7 @@
 --                    event is logged (a replay of the same entry logs it again: the
 --                    persister keys conflicts on voucher, merchant and entry)
 --   'unknown'        no such voucher here (or it belongs to another user)
---   'implausible'    the time is later than now + skew, or before the voucher was claimed
+--   'implausible'    the time is later than now + drift, or earlier than claimed - drift
 --   'expired'        the time is at or after exp
 --   'backlog_full'   the stream is at its cap: nothing recorded
 -- Events: type=redeem  deal voucher merchant at device entry
@@ -55,13 +56,14 @@ if first then
     return {'accepted', first_at, first_at}
   end
 end
-if at > now + tonumber(ARGV[9]) then
+local drift = tonumber(ARGV[9])
+if at > now + drift then
   return {'implausible', at, first_at or 0}
 end
 local held = redis.call('HGET', KEYS[3], user)
 if held then
   local claimed_at = tonumber(string.match(held, '|([^|]*)$'))
-  if claimed_at and at < claimed_at then
+  if claimed_at and at < claimed_at - drift then
     return {'implausible', at, first_at or 0}
   end
 end

@@ -209,6 +209,73 @@ def test_sync_batch_with_every_status_is_idempotent(api: RunningApi, client: htt
     assert client.get(f"/v1/vouchers/{v[2]['id']}", headers=auth(m1)).json()["status"] == "issued"
 
 
+def _at(voucher: dict[str, Any], delta: timedelta) -> str:
+    """The voucher's claim time moved by ``delta``, as a till would stamp it."""
+    return _iso(datetime.fromisoformat(voucher["claimed_at"].replace("Z", "+00:00")) + delta)
+
+
+def test_sync_allows_5_minutes_of_device_clock_drift_either_way(
+    api: RunningApi, client: httpx.Client
+) -> None:
+    """A till's clock may run up to 5 minutes slow or fast; more is implausible_time."""
+    deal = create_deal(client, api.token("merchant", "m-1"))
+    v = [claim(client, deal["id"], api.token("user", f"u-{i}")) for i in range(6)]
+    minute, ms = timedelta(minutes=1), timedelta(milliseconds=1)
+    stamped = [
+        _at(v[0], -2 * minute),  # a slow clock: before the claim
+        _at(v[1], -5 * minute),  # the edge
+        _at(v[2], -5 * minute - ms),
+        _at(v[3], -10 * minute),
+        _now(4 * 60),  # a fast clock: ahead of the server's
+        _now(6 * 60),
+    ]
+    entries = [
+        {"entry_id": f"e{i}", "token": x["token"], "redeemed_at": at}
+        for i, (x, at) in enumerate(zip(v, stamped, strict=True))
+    ]
+    results = _sync(client, api, "till-1", entries)
+    assert [(r["status"], r["code"]) for r in results] == [
+        ("accepted", None),
+        ("accepted", None),
+        ("rejected", "implausible_time"),
+        ("rejected", "implausible_time"),
+        ("accepted", None),
+        ("rejected", "implausible_time"),
+    ]
+    # An accepted time is the device's own, even when it is before the claim.
+    assert results[0]["first_redeemed_at"] == stamped[0]
+    # Online redemptions are judged by the server's clock: the drift plays no part.
+    assert _redeem(client, api, v[2]["token"]).status_code == 200
+
+
+def test_a_malformed_redeemed_at_rejects_only_its_entry(
+    api: RunningApi, client: httpx.Client, voucher: dict[str, Any]
+) -> None:
+    now = datetime.now(UTC)
+    spellings: list[Any] = [
+        now.strftime("%G-W%V-%uT%H:%M:%SZ"),  # week date
+        now.strftime("%Y%m%dT%H%M%SZ"),  # basic format
+        now.strftime("%Y-%m-%dT%HZ"),  # hour only
+        now.strftime("%Y-%m-%dT%H:%M:%S,5Z"),  # comma fraction
+        (now + timedelta(hours=5)).strftime("%Y-%m-%dT%H:%M:%S+05"),
+        (now + timedelta(hours=5, minutes=30)).strftime("%Y-%m-%dT%H:%M:%S+0530"),
+        now.strftime("%Y-%m-%dT%H:%M:%S"),  # no zone
+        now.strftime("%Y-%m-%d"),  # date only
+        1764007200,
+        None,
+    ]
+    entries: list[Any] = [
+        {"entry_id": f"e{i}", "token": voucher["token"], "redeemed_at": at}
+        for i, at in enumerate(spellings)
+    ]
+    entries.append({"entry_id": "e-missing", "token": voucher["token"]})
+    entries.append({"entry_id": "e-good", "token": voucher["token"], "redeemed_at": _now()})
+    results = _sync(client, api, "till-1", entries)
+    refused = [("rejected", "implausible_time")] * (len(spellings) + 1)
+    assert [(r["status"], r["code"]) for r in results] == [*refused, ("accepted", None)]
+    assert "RFC 3339" in results[0]["message"]
+
+
 def test_one_voucher_on_two_offline_tills_is_one_accepted_and_one_conflict(
     api: RunningApi, client: httpx.Client, voucher: dict[str, Any]
 ) -> None:
