@@ -5,10 +5,13 @@ the voucher id (``jti``), never on the token string: an ECDSA signature has more
 valid encoding, so two different strings can carry one voucher. First accepted wins; a
 later redemption by another entry is a conflict, logged for review.
 
-Sync uploads are idempotent per ``(merchant, entry_id)``: a per-merchant hash keeps each
-entry's first result. The order is check, redeem, record; a crash between redeem and
-record is healed because the script answers a voucher already redeemed by the same entry
-with that same ``accepted`` result.
+Sync uploads are idempotent per ``(merchant, entry_id)``: a per-merchant hash keeps the
+first result of each entry that named a voucher of this merchant. An entry refused before
+that (no entry id, no valid voucher, another merchant's voucher) leaves nothing behind and
+is judged afresh if sent again, so that nothing a merchant uploads grows the server's
+state beyond its own vouchers. The order is check, redeem, record; a crash between redeem
+and record is healed because the script answers a voucher already redeemed by the same
+entry with that same ``accepted`` result.
 """
 
 from __future__ import annotations
@@ -40,6 +43,9 @@ _VERIFY_SLICE = 64
 
 ACCEPTED, DUPLICATE, CONFLICT, REJECTED = "accepted", "duplicate", "conflict", "rejected"
 STATUSES = (ACCEPTED, DUPLICATE, CONFLICT, REJECTED)
+# Rejections of an entry that named a voucher of this merchant: kept like accepted and
+# conflict. The others (missing_entry_id, invalid_voucher, not_your_voucher) are not.
+KEPT_REJECTIONS = ("expired", "implausible_time")
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,11 +298,13 @@ async def sync(
             if isinstance(outcome, BaseException):
                 raise outcome
 
-    # 4. Record first results (HSETNX: a concurrent upload of the same entry may have won).
-    if fresh:
+    # 4. Record the first results that are kept (HSETNX: a concurrent upload of the same
+    #    entry may have won); the others are judged afresh when sent again.
+    kept = [entry for entry in fresh if entry.result is not None and _kept(entry.result)]
+    if kept:
         async with store.guard():
             pipe = store.client.pipeline(transaction=False)
-            for entry in fresh:
+            for entry in kept:
                 assert entry.result is not None and entry.entry_id is not None
                 first_ms = _first_ms(entry.result)
                 pipe.hsetnx(key, entry.entry_id, _pack(entry.result, first_ms))
@@ -313,6 +321,11 @@ async def sync(
         assert entry.result is not None
         out.append(entry.result)
     return out
+
+
+def _kept(result: dict[str, Any]) -> bool:
+    """Whether an entry's first result is remembered (the entry named this merchant's voucher)."""
+    return result["status"] in (ACCEPTED, CONFLICT) or result["code"] in KEPT_REJECTIONS
 
 
 def _first_ms(result: dict[str, Any]) -> int | None:

@@ -14,7 +14,7 @@ import jwt
 import pytest
 import redis
 
-from engine.keys import KeySpace
+from engine.keys import KeySpace, sync_entries_key
 from engine.vouchers import rotate_key
 from tests.api.conftest import RunningApi
 from tests.vouchers.forge import forgeries, high_s, parts, public_pem, resign
@@ -193,11 +193,12 @@ def test_sync_batch_with_every_status_is_idempotent(api: RunningApi, client: htt
     assert [r["entry_id"] for r in results][:3] == ["e0", "e1", "e2"]
     assert results[0]["first_status"] == "accepted"
     assert results[2]["first_redeemed_at"] == results[0]["first_redeemed_at"]
-    # Re-sent as a whole: every entry with an id is a duplicate, with its first result.
+    # Re-sent as a whole: an entry that named a voucher of this merchant is a duplicate,
+    # with its first result; one refused before that is judged afresh, the same way.
     again = _sync(client, api, "till-2", entries)
     for first, second in zip(results, again, strict=True):
-        if first["entry_id"] is None:
-            assert second["status"] == "rejected"
+        if first["code"] in ("missing_entry_id", "invalid_voucher", "not_your_voucher"):
+            assert (second["status"], second["code"]) == ("rejected", first["code"])
         elif first["status"] != "duplicate":
             assert second["status"] == "duplicate", (first, second)
             assert (second["first_status"], second["first_code"]) == (
@@ -274,6 +275,88 @@ def test_a_malformed_redeemed_at_rejects_only_its_entry(
     refused = [("rejected", "implausible_time")] * (len(spellings) + 1)
     assert [(r["status"], r["code"]) for r in results] == [*refused, ("accepted", None)]
     assert "RFC 3339" in results[0]["message"]
+
+
+def _sync_state(r: redis.Redis, api: RunningApi) -> dict[str, Any]:
+    """What an upload could leave in Redis: keys, sync hashes and their fields, events."""
+    return {
+        "keys": r.dbsize(),
+        "sync_hashes": {k: r.hlen(k) for k in r.scan_iter(match="fs:sync:*", count=1000)},
+        "events": sum(r.xlen(k) for k in KeySpace(api.settings.partitions).all_events()),
+    }
+
+
+def test_uploads_of_garbage_leave_the_merchants_sync_state_as_it_was(
+    api: RunningApi, client: httpx.Client, voucher: dict[str, Any]
+) -> None:
+    """5 uploads of 1000 entries with garbage tokens (and one of another merchant's
+    voucher) record nothing: the merchant's sync hash keeps its one real entry."""
+    real = {"entry_id": "real", "token": voucher["token"], "redeemed_at": _now()}
+    assert _sync(client, api, "till-1", [real])[0]["status"] == "accepted"
+    r = redis.Redis.from_url(api.settings.redis_url or "", decode_responses=True)
+    try:
+        before = _sync_state(r, api)
+        assert before["sync_hashes"] == {sync_entries_key("m-1"): 1}
+        for upload in range(5):
+            garbage = [
+                {"entry_id": f"g{upload}-{i}", "token": f"garbage.{i}.x", "redeemed_at": _now()}
+                for i in range(1000)
+            ]
+            results = _sync(client, api, "till-1", garbage)
+            assert {(x["status"], x["code"]) for x in results} == {("rejected", "invalid_voucher")}
+        other = create_deal(client, api.token("merchant", "m-2"))
+        foreign = claim(client, other["id"], api.token("user", "u-1"))["token"]
+        before = _sync_state(r, api)  # the other merchant's deal and claim are not the upload's
+        entries = [
+            {"entry_id": f"f{i}", "token": foreign, "redeemed_at": _now()} for i in range(1000)
+        ]
+        results = _sync(client, api, "till-1", entries)
+        assert {(x["status"], x["code"]) for x in results} == {("rejected", "not_your_voucher")}
+        assert _sync_state(r, api) == before
+    finally:
+        r.close()
+
+
+def test_entries_refused_before_naming_a_voucher_are_judged_afresh_and_leave_nothing(
+    api: RunningApi, client: httpx.Client
+) -> None:
+    deal = create_deal(client, api.token("merchant", "m-1"))
+    mine, late = (claim(client, deal["id"], api.token("user", u)) for u in ("u-1", "u-2"))
+    other = create_deal(client, api.token("merchant", "m-2"))
+    foreign = claim(client, other["id"], api.token("user", "u-1"))
+    key = sync_entries_key("m-1")
+    r = redis.Redis.from_url(api.settings.redis_url or "", decode_responses=True)
+    try:
+        before = _sync_state(r, api)
+        refused = [
+            {"entry_id": "e-1", "token": foreign["token"], "redeemed_at": _now()},
+            {"entry_id": "e-2", "token": mine["token"][:-3], "redeemed_at": _now()},
+            {"token": mine["token"], "redeemed_at": _now()},
+            {"entry_id": "not url-safe", "token": mine["token"], "redeemed_at": _now()},
+        ]
+        codes = ["not_your_voucher", "invalid_voucher", "missing_entry_id", "missing_entry_id"]
+        for _ in range(2):  # sent twice: the same verdicts, never a duplicate
+            results = _sync(client, api, "till-1", refused)
+            assert [(x["status"], x["code"]) for x in results] == [("rejected", c) for c in codes]
+            assert _sync_state(r, api) == before and not r.exists(key)
+        # The till scanned the wrong code under e-1, then the right one: judged afresh.
+        right = {"entry_id": "e-1", "token": mine["token"], "redeemed_at": _now()}
+        assert _sync(client, api, "till-1", [right])[0]["status"] == "accepted"
+        assert r.hkeys(key) == ["e-1"]
+        again = _sync(client, api, "till-1", [right])[0]
+        assert (again["status"], again["first_status"]) == ("duplicate", "accepted")
+        # A rejection that named this merchant's voucher is kept: its first result stands.
+        early = {
+            "entry_id": "e-3",
+            "token": late["token"],
+            "redeemed_at": _at(late, -timedelta(hours=1)),
+        }
+        assert _sync(client, api, "till-1", [early])[0]["code"] == "implausible_time"
+        fixed = _sync(client, api, "till-1", [{**early, "redeemed_at": _now()}])[0]
+        assert (fixed["status"], fixed["first_code"]) == ("duplicate", "implausible_time")
+        assert sorted(r.hkeys(key)) == ["e-1", "e-3"]
+    finally:
+        r.close()
 
 
 def test_one_voucher_on_two_offline_tills_is_one_accepted_and_one_conflict(
