@@ -6,6 +6,8 @@ from functools import cache
 from typing import Any
 
 from api.validation import LAT_MAX
+from engine.redemptions import SYNC_CODES
+from engine.vouchers import MAX_TOKEN_CHARS
 
 _ID = {"type": "string", "pattern": "^[A-Za-z0-9._~-]{1,64}$", "maxLength": 64}
 _TIME = {"type": "string", "format": "date-time"}
@@ -20,18 +22,30 @@ def _json(schema: dict[str, Any]) -> dict[str, Any]:
     return {"content": {"application/json": {"schema": schema}}}
 
 
-def _errors(*statuses: int) -> dict[str, Any]:
+_RETRY_AFTER = {
+    "Retry-After": {
+        "description": "Whole seconds to wait before retrying",
+        "required": True,
+        "schema": {"type": "integer", "minimum": 1},
+    }
+}
+
+
+def _errors(*statuses: int, body_limit: str = "64 KiB") -> dict[str, Any]:
     text = {
-        400: "Invalid JSON",
+        400: "The body is not JSON",
         401: "Missing, malformed, expired or badly signed token",
         403: "Wrong role or not the owner",
         404: "Not found",
         409: "Refused by the deal's state",
-        413: "Body over 64 KiB",
-        422: "Invalid request (details name each bad field)",
+        413: f"Body over {body_limit}",
+        422: "Invalid request: JSON of the wrong shape, or bad fields (details name each)",
         503: "A dependency is down; retry after Retry-After seconds",
     }
-    return {str(s): {"description": text[s], **_json(_ref("Error"))} for s in statuses}
+    out = {str(s): {"description": text[s], **_json(_ref("Error"))} for s in statuses}
+    if 503 in statuses:
+        out["503"]["headers"] = _RETRY_AFTER
+    return out
 
 
 def _obj(props: dict[str, Any], required: list[str] | None = None, extra: bool = True) -> dict:
@@ -59,8 +73,18 @@ _SCHEMAS: dict[str, Any] = {
     ),
     "NewDeal": _obj(
         {
-            "title": {"type": "string", "minLength": 1, "maxLength": 200},
-            "description": {"type": "string", "maxLength": 2000, "nullable": True},
+            "title": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": 200,
+                "description": "Not blank; no control characters but tab and newlines",
+            },
+            "description": {
+                "type": "string",
+                "maxLength": 2000,
+                "nullable": True,
+                "description": "No control characters but tab and newlines",
+            },
             "lat": {"type": "number", "minimum": -LAT_MAX, "maximum": LAT_MAX},
             "lng": {"type": "number", "minimum": -180, "maximum": 180},
             "inventory": {"type": "integer", "minimum": 1, "maximum": 1_000_000},
@@ -147,17 +171,25 @@ _SCHEMAS: dict[str, Any] = {
     ),
     "SyncRequest": _obj(
         {
-            "device_id": {"type": "string", "maxLength": 64},
+            "device_id": _ID,
             "entries": {
                 "type": "array",
                 "maxItems": 1000,
                 "items": _obj(
                     {
-                        "entry_id": {"type": "string"},
+                        "entry_id": {
+                            **_ID,
+                            "description": "Unique per merchant; without one the entry is "
+                            "rejected (missing_entry_id)",
+                        },
                         "token": {"type": "string"},
-                        "redeemed_at": _TIME,
+                        "redeemed_at": {
+                            **_TIME,
+                            "description": "The device's time; one that is not RFC 3339 is "
+                            "rejected (implausible_time)",
+                        },
                     },
-                    ["token", "redeemed_at"],
+                    ["entry_id", "token", "redeemed_at"],
                 ),
             },
         },
@@ -174,10 +206,30 @@ _SCHEMAS: dict[str, Any] = {
                             "type": "string",
                             "enum": ["accepted", "duplicate", "conflict", "rejected"],
                         },
-                        "code": {"type": "string", "nullable": True},
+                        "code": {
+                            "type": "string",
+                            "nullable": True,
+                            "enum": [*SYNC_CODES, None],
+                            "description": "Why an entry was rejected (null otherwise)",
+                        },
                         "first_redeemed_at": {**_TIME, "nullable": True},
+                        "message": {
+                            "type": "string",
+                            "description": "A human sentence, on rejected entries",
+                        },
+                        "first_status": {
+                            "type": "string",
+                            "enum": ["accepted", "conflict", "rejected"],
+                            "description": "On a duplicate: the status of the first upload",
+                        },
+                        "first_code": {
+                            "type": "string",
+                            "nullable": True,
+                            "enum": [*SYNC_CODES, None],
+                            "description": "On a duplicate: the code of the first upload",
+                        },
                     },
-                    ["entry_id", "status"],
+                    ["entry_id", "status", "code", "first_redeemed_at"],
                 ),
             }
         },
@@ -197,6 +249,12 @@ _SCHEMAS: dict[str, Any] = {
         },
         ["status", "checks", "stream_lag"],
     ),
+}
+
+
+_JWKS_HEADERS = {
+    "ETag": {"required": True, "schema": {"type": "string"}},
+    "Cache-Control": {"required": True, "schema": {"type": "string", "pattern": "max-age="}},
 }
 
 
@@ -220,7 +278,20 @@ def _paths() -> dict[str, Any]:
                 "summary": "Create a deal (merchant)",
                 "security": _BEARER,
                 "requestBody": {"required": True, **_json(_ref("NewDeal"))},
-                "responses": {"201": deal_ok, **_errors(400, 401, 403, 413, 422, 503)},
+                "responses": {
+                    "201": {
+                        **deal_ok,
+                        "description": "The new deal",
+                        "headers": {
+                            "Location": {
+                                "description": "/v1/deals/{id} of the new deal",
+                                "required": True,
+                                "schema": {"type": "string", "pattern": "^/v1/deals/"},
+                            }
+                        },
+                    },
+                    **_errors(400, 401, 403, 413, 422, 503),
+                },
             },
             "get": {
                 "summary": "Active deals near a point, nearest first (public)",
@@ -370,7 +441,19 @@ def _paths() -> dict[str, Any]:
                 "security": _BEARER,
                 "requestBody": {
                     "required": True,
-                    **_json(_obj({"token": {"type": "string"}}, ["token"], extra=False)),
+                    **_json(
+                        _obj(
+                            {
+                                "token": {
+                                    "type": "string",
+                                    "minLength": 1,
+                                    "maxLength": MAX_TOKEN_CHARS,
+                                }
+                            },
+                            ["token"],
+                            extra=False,
+                        )
+                    ),
                 },
                 "responses": {
                     "200": {"description": "Redeemed", **_json(_ref("Redemption"))},
@@ -388,14 +471,26 @@ def _paths() -> dict[str, Any]:
                         "description": "One result per entry, in order",
                         **_json(_ref("SyncResult")),
                     },
-                    **_errors(400, 401, 403, 413, 422, 503),
+                    **_errors(400, 401, 403, 413, 422, 503, body_limit="1 MiB"),
                 },
             }
         },
         "/.well-known/jwks.json": {
             "get": {
                 "summary": "Public keys that may verify a live voucher (public)",
-                "responses": {"200": {"description": "JWKS", **_json({"type": "object"})}},
+                "responses": {
+                    "200": {
+                        "description": "JWKS",
+                        "headers": _JWKS_HEADERS,
+                        **_json(
+                            _obj({"keys": {"type": "array", "items": {"type": "object"}}}, ["keys"])
+                        ),
+                    },
+                    "304": {
+                        "description": "Not modified: If-None-Match named the current ETag",
+                        "headers": _JWKS_HEADERS,
+                    },
+                },
             }
         },
         "/healthz": {
@@ -409,7 +504,11 @@ def _paths() -> dict[str, Any]:
                 "summary": "Redis and PostgreSQL answer",
                 "responses": {
                     "200": {"description": "Ready", **_json(_ref("Ready"))},
-                    "503": {"description": "Not ready", **_json(_ref("Ready"))},
+                    "503": {
+                        "description": "Not ready",
+                        "headers": _RETRY_AFTER,
+                        **_json(_ref("Ready")),
+                    },
                 },
             }
         },

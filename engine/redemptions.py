@@ -46,6 +46,8 @@ STATUSES = (ACCEPTED, DUPLICATE, CONFLICT, REJECTED)
 # Rejections of an entry that named a voucher of this merchant: kept like accepted and
 # conflict. The others (missing_entry_id, invalid_voucher, not_your_voucher) are not.
 KEPT_REJECTIONS = ("expired", "implausible_time")
+# Every code a rejected entry may carry.
+SYNC_CODES = ("invalid_voucher", "not_your_voucher", "missing_entry_id", *KEPT_REJECTIONS)
 
 
 @dataclass(frozen=True, slots=True)
