@@ -10,7 +10,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
-import pytest
 from starlette.routing import Mount, Route
 
 from api.app import _area_modules
