@@ -23,10 +23,12 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=8000)
     up.add_argument("--demo", action="store_true", help="add sample deals, print tokens and curl")
 
-    serve = sub.add_parser("serve", help="the HTTP API only (uvicorn, uvloop, httptools)")
+    serve = sub.add_parser("serve", help="the HTTP API only (uvicorn or granian, uvloop)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--workers", type=int, default=1)
+    serve.add_argument("--server", choices=("uvicorn", "granian"),
+                       help="HTTP server (default: FLASHSALE_SERVER, else uvicorn)")  # fmt: skip
 
     sub.add_parser("persist", help="the persister only: drain the streams into PostgreSQL")
     sub.add_parser("migrate", help="apply the database migrations")
@@ -83,7 +85,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "serve":
         from flashsale.serve import serve
 
-        return serve(wiring.resolve(), args.host, args.port, args.workers)
+        return serve(wiring.resolve(), args.host, args.port, args.workers, args.server)
     if args.command == "token":
         from api.auth import mint
 

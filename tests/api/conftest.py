@@ -1,12 +1,19 @@
-"""The API served by uvicorn on a real socket, in a thread, against real servers."""
+"""The API on a real socket against real servers.
+
+By default uvicorn serves it in a thread of the test process. With
+``FLASHSALE_TEST_SERVER=uvicorn`` or ``=granian`` every API test runs against a
+`flashsale serve --server ...` subprocess instead (the README says when CI does that).
+"""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -17,8 +24,11 @@ from api.auth import mint
 from engine.settings import Settings
 from flashsale.embedded import free_port
 from tests.conftest import flush
+from tests.served import SERVERS, Served, serve_env
 
 SECRET = "test-secret-" + "x" * 64
+# "thread" (default), or a server name: every API test then runs against `flashsale serve`.
+TEST_SERVER = os.environ.get("FLASHSALE_TEST_SERVER", "thread")
 
 
 @dataclass
@@ -27,7 +37,7 @@ class RunningApi:
 
     url: str
     settings: Settings
-    server: uvicorn.Server
+    server: Any  # uvicorn.Server in a thread, or Served
 
     def token(self, role: str = "user", sub: str = "u-1", ttl_s: float = 3600) -> str:
         return mint(SECRET, sub, role, ttl_s)
@@ -69,9 +79,15 @@ def stop_thread(server: uvicorn.Server, thread: threading.Thread) -> None:
 def make_api(tmp_path: Path) -> Iterator[Callable[..., RunningApi]]:
     """Start APIs with given settings (stopped at teardown)."""
     running: list[tuple[uvicorn.Server, threading.Thread]] = []
+    served: list[Served] = []
 
     def start(settings: Settings) -> RunningApi:
         settings = settings.with_(auth_secret=SECRET, data_dir=tmp_path)
+        if TEST_SERVER in SERVERS:
+            log = tmp_path / f"serve-{len(served)}.log"
+            proc = Served(TEST_SERVER, serve_env(settings), log).start()
+            served.append(proc)
+            return RunningApi(proc.url, settings, proc)
         server, thread, url = serve_in_thread(settings)
         running.append((server, thread))
         return RunningApi(url, settings, server)
@@ -79,6 +95,8 @@ def make_api(tmp_path: Path) -> Iterator[Callable[..., RunningApi]]:
     yield start
     for server, thread in running:
         stop_thread(server, thread)
+    for proc in served:
+        proc.stop()
 
 
 @pytest.fixture
