@@ -31,6 +31,9 @@ def serve_env(settings: Settings, **extra: str) -> dict[str, str]:
         "FLASHSALE_AUTH_SECRET": settings.auth_secret,
         "FLASHSALE_DATA_DIR": str(settings.data_dir),
         "FLASHSALE_PARTITIONS": str(settings.partitions),
+        "FLASHSALE_STREAM_CAP": str(settings.stream_cap),
+        "FLASHSALE_DURABILITY": settings.durability,
+        "FLASHSALE_KEYS_DIR": str(settings.keys_dir) if settings.keys_dir else None,
     }
     env.update({k: v for k, v in pairs.items() if v})
     env.update(extra)

@@ -1,0 +1,363 @@
+"""Scale-out on one machine: Debian's nginx with deploy/nginx.conf in front of three
+`flashsale serve` processes and two persisters over one Redis (and over the local Redis
+Cluster). The config is the project's own, adapted only in ports, addresses and the paths
+of its pid and temp files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import httpx
+import orjson
+import pytest
+
+from api.auth import mint
+from engine.settings import Settings
+from flashsale.embedded import free_port
+from flashsale.serve import DEFAULT_SERVER
+from tests.conftest import flush
+from tests.persister.conftest import drop_database, fresh_database
+from tests.served import ROOT, Served, serve_env
+
+SECRET = "scale-secret-" + "s" * 40
+API_PROCESSES = 3
+INVENTORY = 600
+CALLERS = 2400
+CONCURRENCY = 100
+KILL_AFTER_ANSWERS = 300
+# Every test client is 127.0.0.1: per-address limits (FLASHSALE_RATE_ADDRESS) would throttle
+# the whole race as one person, so they stay off here; nginx is the trusted proxy.
+API_ENV = {"FLASHSALE_RATE_ADDRESS": "0", "FLASHSALE_TRUSTED_PROXIES": "127.0.0.1"}
+
+
+def nginx_binary() -> str:
+    found = shutil.which("nginx") or next(
+        (p for p in ("/usr/sbin/nginx", "/sbin/nginx") if Path(p).exists()), None
+    )
+    if found is None:
+        pytest.skip("nginx is not installed (Debian: apt-get install nginx-light)")
+    return found
+
+
+@dataclass
+class Nginx:
+    """deploy/nginx.conf, listening on a free local port, proxying to ``upstreams``."""
+
+    upstreams: list[int]
+    workdir: Path
+    port: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def config(self) -> str:
+        conf = (ROOT / "deploy" / "nginx.conf").read_text()
+        servers = "".join(f"        server 127.0.0.1:{p} max_fails=3 fail_timeout=5s;\n"
+                          for p in self.upstreams)  # fmt: skip
+        conf, n = re.subn(r"^ *server api:8000 .*;\n", servers, conf, flags=re.M)
+        assert n == 1, "deploy/nginx.conf's upstream line changed; adapt this test"
+        conf, n = re.subn(r"listen 80 ", f"listen 127.0.0.1:{self.port} ", conf)
+        assert n == 1
+        return conf.replace("/tmp/", f"{self.workdir}/")
+
+    def start(self) -> Nginx:
+        binary = nginx_binary()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        path = self.workdir / "nginx.conf"
+        path.write_text(self.config())
+        log = open(self.workdir / "nginx.log", "ab")  # noqa: SIM115 - nginx writes to it
+        self.proc = subprocess.Popen(
+            [binary, "-p", str(self.workdir), "-e", "stderr", "-c", str(path),
+             "-g", "daemon off;"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        log.close()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.log()
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(self.url + "/nginx-health", timeout=1).status_code == 200:
+                    return self
+            time.sleep(0.1)
+        raise AssertionError(f"nginx never answered: {self.log()}")
+
+    def log(self) -> str:
+        return (self.workdir / "nginx.log").read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGQUIT)  # graceful: workers finish, then exit
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+@dataclass
+class Stack:
+    settings: Settings
+    apis: list[Served]
+    persisters: list[subprocess.Popen[bytes]]
+    nginx: Nginx
+    tmp: Path
+
+
+@pytest.fixture
+async def stack_db(database_url: str) -> AsyncIterator[str]:
+    """A fresh database: reconcile must see only this test's deals."""
+    dsn = await fresh_database(database_url)
+    try:
+        yield dsn
+    finally:
+        await drop_database(database_url, dsn)
+
+
+def start_stack(settings: Settings, server: str, tmp: Path) -> Stack:
+    settings = settings.with_(auth_secret=SECRET, data_dir=tmp / "data")
+    apis: list[Served] = []
+    persisters: list[subprocess.Popen[bytes]] = []
+    nginx: Nginx | None = None
+    try:
+        for i in range(API_PROCESSES):
+            served = Served(server, serve_env(settings, **API_ENV), tmp / f"api-{i}.log")
+            apis.append(served.start())
+        for i in range(2):
+            with open(tmp / f"persister-{i}.log", "ab") as log:
+                persisters.append(subprocess.Popen(
+                    [sys.executable, "-m", "flashsale", "persist"], env=serve_env(settings),
+                    cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))  # fmt: skip
+        nginx = Nginx([a.port for a in apis], tmp / "nginx").start()
+    except BaseException:
+        stop_stack(Stack(settings, apis, persisters, nginx or Nginx([], tmp), tmp))
+        raise
+    return Stack(settings, apis, persisters, nginx, tmp)
+
+
+def stop_stack(stack: Stack) -> None:
+    stack.nginx.stop()
+    for api in stack.apis:
+        api.stop()
+    for p in stack.persisters:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+
+
+@pytest.fixture
+def stack_factory(tmp_path: Path) -> Iterator[Any]:
+    started: list[Stack] = []
+
+    def start(settings: Settings, server: str) -> Stack:
+        stack = start_stack(settings, server, tmp_path)
+        started.append(stack)
+        return stack
+
+    yield start
+    for stack in started:
+        stop_stack(stack)
+
+
+def create_deal(url: str, inventory: int) -> str:
+    ends = (datetime.now(UTC) + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    body = {"title": "scale-out", "lat": 12.97, "lng": 77.59, "inventory": inventory,
+            "ends_at": ends}  # fmt: skip
+    headers = {"Authorization": f"Bearer {mint(SECRET, 'm-1', 'merchant')}"}
+    r = httpx.post(f"{url}/v1/deals", json=body, headers=headers, timeout=10)
+    assert r.status_code == 201, r.text
+    return r.json()["deal"]["id"]  # type: ignore[no-any-return]
+
+
+Answer = tuple[str, int, Any]  # (user, status, JSON body or the raw text if not JSON)
+
+
+async def claim_all(url: str, deal: str, users: list[str], on_answer: Any = None) -> list[Answer]:
+    """Each user claims once, CONCURRENCY at a time, through ``url``."""
+    connector = aiohttp.TCPConnector(limit=CONCURRENCY)
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with aiohttp.ClientSession(url, connector=connector, timeout=timeout) as session:
+
+        async def one(user: str) -> Answer:
+            headers = {"Authorization": f"Bearer {mint(SECRET, user, 'user')}"}
+            async with session.post(f"/v1/deals/{deal}/claims", headers=headers) as r:
+                text = await r.read()
+                try:
+                    body: Any = orjson.loads(text)
+                except orjson.JSONDecodeError:
+                    body = text.decode(errors="replace")
+                if on_answer is not None:
+                    on_answer()
+                return user, r.status, body
+
+        return await asyncio.gather(*(one(u) for u in users))
+
+
+def run_race(stack: Stack, deal: str) -> tuple[list[Answer], Served]:
+    """The race through nginx; one API process SIGKILLed once KILL_AFTER_ANSWERS answered."""
+    victim = stack.apis[1]
+    answered = 0
+
+    def on_answer() -> None:
+        nonlocal answered
+        answered += 1
+        if answered == KILL_AFTER_ANSWERS:
+            victim.kill()  # SIGKILL, mid-race: its in-flight requests die with it
+
+    users = [f"u-{i}" for i in range(CALLERS)]
+    answers = asyncio.run(claim_all(stack.nginx.url, deal, users, on_answer))
+    return answers, victim
+
+
+async def persisted(dsn: str, deal: str) -> list[tuple[str, str]]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch("SELECT id, user_id FROM vouchers WHERE deal_id = $1", deal)
+    finally:
+        await conn.close()
+    return [(r["id"], r["user_id"]) for r in rows]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize(
+    ("topology", "server"),
+    [("node", "uvicorn"), ("node", "granian"),
+     pytest.param("cluster", DEFAULT_SERVER, marks=pytest.mark.cluster)],
+    indirect=["topology"],
+)  # fmt: skip
+def test_race_through_nginx_over_three_api_processes_survives_one_killed(
+    stack_factory: Any, topology: tuple[str, bool], stack_db: str, server: str
+) -> None:
+    """Exactly N vouchers for N people; only the killed process's requests fail, in JSON."""
+    url, cluster = topology
+    flush(url, cluster)
+    stack = stack_factory(Settings(redis_url=url, redis_cluster=cluster, database_url=stack_db),
+                          server)  # fmt: skip
+    deal = create_deal(stack.nginx.url, INVENTORY)
+    answers, victim = run_race(stack, deal)
+    assert victim.proc is not None and victim.proc.poll() is not None, "the victim still runs"
+
+    failed = [(user, status, body) for user, status, body in answers if status >= 500]
+    # Only requests in flight on the killed process can fail: at most the client's
+    # concurrency, each a 502 from nginx in the API's JSON error shape.
+    assert len(failed) <= CONCURRENCY, failed[:5]
+    for _, status, body in failed:
+        assert status == 502 and body["error"]["code"] == "bad_gateway", body
+    others = {status for _, status, _ in answers if status < 500}
+    assert others <= {201, 409}, others
+    refused = {body["error"]["code"] for _, status, body in answers if status == 409}
+    assert refused <= {"sold_out"}
+
+    # A caller whose claim died with the process retries: the same voucher, or sold out.
+    retried = asyncio.run(claim_all(stack.nginx.url, deal, [u for u, _, _ in failed]))
+    assert {status for _, status, _ in retried} <= {200, 201, 409}
+    won = {user: body["voucher"]["id"] for user, status, body in answers + retried
+           if status in (200, 201)}  # fmt: skip
+    assert len(won) == INVENTORY
+    assert len(set(won.values())) == INVENTORY
+
+    done = subprocess.run(
+        [sys.executable, "-m", "flashsale", "reconcile", "--wait", "60"],
+        env=serve_env(stack.settings), cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = asyncio.run(persisted(stack_db, deal))
+    assert len(rows) == INVENTORY
+    assert {user: vid for vid, user in rows} == won
+    assert all(p.poll() is None for p in stack.persisters), "a persister died"
+
+
+MALFORMED = {
+    "bad Content-Length": (b"POST /v1/deals HTTP/1.1\r\nHost: x\r\nContent-Length: 12abc\r\n\r\n",
+                           400, "bad_request"),
+    "16 KiB request line": (b"GET /v1/deals/" + b"a" * 16384 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+                            414, "uri_too_long"),
+    "64 KiB header": (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 65536 + b"\r\n\r\n",
+                      431, "headers_too_large"),
+    "not HTTP": (b"HELLO THERE\r\n\r\n", 400, "bad_request"),
+    "body over 2 MiB": (b"POST /v1/redemptions/sync HTTP/1.1\r\nHost: x\r\n"
+                        b"Content-Length: 3000000\r\n\r\n{", 413, "payload_too_large"),
+}  # fmt: skip
+
+
+def raw_request(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        with contextlib.suppress(OSError):
+            s.sendall(request)
+        reply = b""
+        with contextlib.suppress(TimeoutError, ConnectionResetError):
+            while chunk := s.recv(65536):
+                reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:])}
+    return int(lines[0].split()[1]), headers, body
+
+
+@pytest.fixture
+def front(tmp_path: Path, redis_url: str) -> Iterator[tuple[Nginx, Served]]:
+    """nginx in front of one API process."""
+    flush(redis_url, False)
+    settings = Settings(redis_url=redis_url, auth_secret=SECRET, data_dir=tmp_path / "data")
+    api = Served(DEFAULT_SERVER, serve_env(settings, **API_ENV), tmp_path / "api.log").start()
+    nginx = Nginx([api.port], tmp_path / "nginx")
+    try:
+        yield nginx.start(), api
+    finally:
+        nginx.stop()
+        api.stop()
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_nginx_answers_malformed_requests_with_a_json_error(
+    front: tuple[Nginx, Served], case: str
+) -> None:
+    nginx, _ = front
+    request, status, code = MALFORMED[case]
+    got, headers, body = raw_request(nginx.port, request)
+    assert got == status, body
+    assert headers["content-type"] == "application/json"
+    assert orjson.loads(body)["error"]["code"] == code
+
+
+def test_nginx_answers_502_in_json_when_no_api_process_is_left(
+    front: tuple[Nginx, Served],
+) -> None:
+    nginx, api = front
+    assert httpx.get(nginx.url + "/v1/deals/d_none").json()["error"]["code"] == "deal_not_found"
+    api.kill()
+    r = httpx.get(nginx.url + "/v1/deals/d_none")
+    assert r.status_code == 502 and r.headers["content-type"] == "application/json"
+    assert r.json()["error"]["code"] == "bad_gateway" and int(r.headers["Retry-After"]) >= 1
+
+
+def test_the_api_s_own_errors_pass_through_nginx_untouched(front: tuple[Nginx, Served]) -> None:
+    """proxy_intercept_errors stays off: a 404 or 503 of the API keeps its own body."""
+    nginx, api = front
+    direct = httpx.get(api.url + "/v1/deals/d_none")
+    proxied = httpx.get(nginx.url + "/v1/deals/d_none")
+    assert proxied.status_code == direct.status_code == 404
+    assert proxied.json() == direct.json()
