@@ -190,3 +190,38 @@ def test_nginx_accepts_the_load_balancer_config(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=30)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "test is successful" in done.stderr
+
+
+def test_the_api_limits_per_address_and_trusts_only_the_load_balancer(
+    compose: dict[str, Any], services: dict[str, Any]
+) -> None:
+    """FLASHSALE_RATE_ADDRESS is on; FLASHSALE_TRUSTED_PROXIES is nginx's fixed address."""
+    import ipaddress
+
+    env = _env(services["api"])
+    assert int(env["FLASHSALE_RATE_ADDRESS"]) > 0
+    nginx_address = services["nginx"]["networks"]["default"]["ipv4_address"]
+    assert env["FLASHSALE_TRUSTED_PROXIES"].split(",") == [nginx_address]
+    subnet = compose["networks"]["default"]["ipam"]["config"][0]["subnet"]
+    assert ipaddress.ip_address(nginx_address) in ipaddress.ip_network(subnet)
+    conf = (ROOT / "deploy" / "nginx.conf").read_text()
+    assert "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;" in conf
+
+
+def test_nginx_answers_its_own_errors_in_the_api_s_json_shape() -> None:
+    """Each status nginx may answer itself has an error_page returning the JSON error body."""
+    import json
+
+    conf = (ROOT / "deploy" / "nginx.conf").read_text()
+    pages = dict(re.findall(r"error_page (\d+) (?:=\d+ )?(\S+);", conf))
+    for status in ("400", "413", "414", "429", "494", "502", "503", "504"):
+        assert status in pages, status
+        answer = re.search(
+            rf"location = {re.escape(pages[status])} \{{[^']*?return (\d+) '(.*)';", conf
+        )
+        assert answer, pages[status]
+        assert answer.group(1) == ("431" if status == "494" else status)
+        body = json.loads(answer.group(2).replace("\\n", ""))
+        assert set(body["error"]) == {"code", "message", "details"}
+    assert "default_type application/json;" in conf
+    assert "proxy_intercept_errors on" not in conf  # the API's own errors pass through
