@@ -21,6 +21,7 @@ from starlette.requests import Request
 
 from api import errors
 from api.auth import Authenticator
+from api.fastpath import ClaimFastPath, claim_route
 from api.metrics import Metrics, MetricsMiddleware
 from api.records import Records
 from engine.errors import StartupError
@@ -115,5 +116,8 @@ def create_app(settings: Settings) -> Starlette:
         lifespan=lifespan,
         exception_handlers=errors.handlers(),
     )
+    route = claim_route(app.routes)
+    if route is not None:  # inside the metrics middleware: added before it
+        app.add_middleware(ClaimFastPath, route=route)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app

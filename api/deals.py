@@ -9,7 +9,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.app import Services, services
-from api.errors import error_response
+from api.errors import error_body
 from api.jsonio import json, read_json_object
 from api.validation import LAT_MAX, Fields, valid_id
 from engine import claims
@@ -130,7 +130,15 @@ async def claim(scope: Scope, receive: Receive, send: Send) -> None:
     except (ClientError, Unavailable) as exc:
         if not isinstance(exc, Unauthenticated | Forbidden):
             svc.metrics.claimed(exc.code)
-        await error_response(exc)(scope, receive, send)
+        # The storm's usual answer (409 sold_out): sent as two ASGI messages, without
+        # building a Response object (the same bytes error_response would send).
+        body = orjson.dumps(error_body(exc.code, exc.message, exc.details))
+        headers = [(b"content-type", b"application/json"),
+                   (b"content-length", str(len(body)).encode())]  # fmt: skip
+        if isinstance(exc, Unavailable):
+            headers.append((b"retry-after", str(exc.retry_after_s).encode()))
+        await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
         return
     svc.metrics.claimed(result.outcome)
     body = orjson.dumps(
