@@ -62,6 +62,10 @@ SUCCESS_INVENTORY = 1_000_000
 DISCOVERY_DEALS = 2000
 DISCOVERY_SPREAD_DEG = 0.1
 ONE_MILLION_A_MINUTE = 1_000_000 / 60
+# Targets: the claim storm's rate against the same server's /healthz.
+STORM_OF_HEALTHZ = 0.7
+# API processes (1 worker each) behind nginx in the balancer run.
+BALANCED_PROCESSES = 3
 
 log = logging.getLogger("loadtest.bench")
 
@@ -226,14 +230,14 @@ def _window_ms() -> tuple[int, int, int]:
     return now - 60_000, now + 6 * 3_600_000, now + 7 * 86_400_000
 
 
-async def new_deals(b: Backends, inventory: int, tag: str) -> dict[str, str]:
+async def new_deals(b: Backends, inventory: int, tag: str, fs_names: list[str]) -> dict[str, str]:
     """One fresh deal per system, each with ``inventory`` vouchers: {system: deal id}."""
     starts, ends, redeem = _window_ms()
     store = await Store.connect(b.settings)
     try:
         new = NewDeal("m-bench", f"bench {tag}", "", CENTER[0] + 1, CENTER[1] + 1, inventory,
                       starts, ends, redeem)  # fmt: skip
-        deal = await create_deal(store, new)
+        fs_deals = {name: (await create_deal(store, new)).id for name in fs_names}
     finally:
         await store.close()
     peer_id = f"d_peer_{tag}_{random.getrandbits(40):x}"
@@ -253,7 +257,7 @@ async def new_deals(b: Backends, inventory: int, tag: str) -> dict[str, str]:
         await seed_lock_deal(r, peer_id, "m-bench", inventory, starts, ends, redeem)
     finally:
         await r.aclose()
-    return {"flashsale": deal.id, "pg": peer_id, "lock": peer_id}
+    return {**fs_deals, "pg": peer_id, "lock": peer_id}
 
 
 async def seed_discovery(b: Backends, count: int) -> None:
@@ -324,6 +328,12 @@ class Plan:
     connections: int
     workers: list[int]
     success_tokens: int
+    servers: list[str]
+    balancer: bool
+
+    @property
+    def fs_names(self) -> list[str]:
+        return [f"flashsale-{s}" for s in self.servers]
 
 
 @dataclass
@@ -333,17 +343,28 @@ class Row:
     results: dict[str, WrkResult]
 
 
-def _systems(b: Backends, keys_dir: Path, workers: int) -> dict[str, Server]:
+def _env(b: Backends, keys_dir: Path) -> dict[str, str]:
     env = {**os.environ, "FLASHSALE_REDIS_URL": b.redis_url,
            "FLASHSALE_DATABASE_URL": b.database_url, "FLASHSALE_AUTH_SECRET": SECRET,
            "FLASHSALE_KEYS_DIR": str(keys_dir), "FLASHSALE_DATA_DIR": str(keys_dir.parent),
            "BENCH_REDIS_URL": b.redis_url, "BENCH_DATABASE_URL": b.database_url,
            "PYTHONPATH": str(ROOT)}  # fmt: skip
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # `flashsale serve` sets it for 2+ workers
-    fs_argv = [sys.executable, "-m", "flashsale", "serve", "--workers", str(workers)]
+    env.pop("FLASHSALE_SERVER", None)  # each system names its server
+    return env
+
+
+def _flashsale(env: dict[str, str], server: str, workers: int, name: str) -> Server:
+    argv = [sys.executable, "-m", "flashsale", "serve", "--server", server,
+            "--workers", str(workers)]  # fmt: skip
+    return Server(name, argv, env)
+
+
+def _systems(b: Backends, keys_dir: Path, workers: int, servers: list[str]) -> dict[str, Server]:
+    env = _env(b, keys_dir)
     peer = [sys.executable, "-m", "loadtest.peers"]
     return {
-        "flashsale": Server("flashsale", fs_argv, env),
+        **{f"flashsale-{s}": _flashsale(env, s, workers, f"flashsale-{s}") for s in servers},
         "pg": Server("pg", [*peer, "pg", "--workers", str(workers)], env),
         "lock": Server("lock", [*peer, "lock", "--workers", str(workers)], env),
     }
@@ -352,16 +373,16 @@ def _systems(b: Backends, keys_dir: Path, workers: int) -> dict[str, Server]:
 def run_workers(b: Backends, plan: Plan, workers: int, tmp: Path,
                 storm_file: Path, success_file: Path) -> list[Row]:  # fmt: skip
     keys_dir = tmp / "data" / "keys"
-    systems = _systems(b, keys_dir, workers)
+    systems = _systems(b, keys_dir, workers, plan.servers)
     rows: list[Row] = []
     secs, conns = plan.seconds, plan.connections
     try:
         for s in systems.values():
             s.start(tmp)
-        fs = systems["flashsale"]
         print(f"  {workers} worker(s): /healthz", flush=True)
-        run_wrk("warm-up", fs.url + "/healthz", "wrk_get.lua", {"BENCH_PATH": "/healthz"},
-                1, conns)  # fmt: skip
+        for name in plan.fs_names:
+            run_wrk("warm-up", systems[name].url + "/healthz", "wrk_get.lua",
+                    {"BENCH_PATH": "/healthz"}, 1, conns)  # fmt: skip
         health = {name: run_wrk("healthz", s.url + "/healthz", "wrk_get.lua",
                                 {"BENCH_PATH": "/healthz"}, secs, conns)
                   for name, s in systems.items()}  # fmt: skip
@@ -371,7 +392,8 @@ def run_workers(b: Backends, plan: Plan, workers: int, tmp: Path,
             ("claim success", SUCCESS_INVENTORY, success_file),
         ):
             print(f"  {workers} worker(s): {scenario}", flush=True)
-            deals = asyncio.run(new_deals(b, inventory, f"{scenario[6:]}{workers}"))
+            deals = asyncio.run(new_deals(b, inventory, f"{scenario[6:]}{workers}",
+                                          plan.fs_names))  # fmt: skip
             results = {}
             for name, s in systems.items():
                 path = f"/v1/deals/{deals[name]}/claims"
@@ -411,28 +433,74 @@ def _answers(r: WrkResult) -> str:
     return ", ".join(parts)
 
 
-def report(rows: list[Row], drained: tuple[int, float], plan: Plan, cmd: str) -> list[str]:
-    """The markdown table and the verdicts; also returns the problems found."""
+@dataclass
+class BalancerRun:
+    """The storm through nginx over several API processes, next to one server direct."""
+
+    server: str
+    processes: int
+    health: WrkResult
+    storm: WrkResult
+
+
+def run_balancer(b: Backends, plan: Plan, tmp: Path, storm_file: Path) -> list[BalancerRun]:
+    """nginx (deploy/nginx.conf) in front of ``BALANCED_PROCESSES`` APIs of 1 worker."""
+    from loadtest.balancer import Nginx
+
+    runs: list[BalancerRun] = []
+    env = _env(b, tmp / "data" / "keys")
+    for server in plan.servers:
+        apis = [_flashsale(env, server, 1, f"lb-{server}-{i}") for i in range(BALANCED_PROCESSES)]
+        nginx = Nginx([a.port for a in apis], tmp / f"nginx-{server}")
+        try:
+            for api in apis:
+                api.start(tmp)
+            nginx.start()
+            print(f"  nginx over {len(apis)} x {server}: /healthz, claim storm", flush=True)
+            conns = plan.connections
+            run_wrk("warm-up", nginx.url + "/healthz", "wrk_get.lua",
+                    {"BENCH_PATH": "/healthz"}, 1, conns)  # fmt: skip
+            health = run_wrk("healthz", nginx.url + "/healthz", "wrk_get.lua",
+                             {"BENCH_PATH": "/healthz"}, plan.seconds, conns)  # fmt: skip
+            deal = asyncio.run(new_deals(b, STORM_INVENTORY, f"lb-{server}", ["lb"]))["lb"]
+            path = f"/v1/deals/{deal}/claims"
+            storm = run_wrk("claim storm", nginx.url + path, "wrk_claim.lua",
+                            {"BENCH_PATH": path, "BENCH_TOKENS": str(storm_file)},
+                            plan.seconds, conns)  # fmt: skip
+            runs.append(BalancerRun(server, len(apis), health, storm))
+        finally:
+            nginx.stop()
+            for api in apis:
+                api.stop()
+    return runs
+
+
+def report(rows: list[Row], drained: tuple[int, float], plan: Plan, cmd: str,
+           balanced: list[BalancerRun]) -> list[str]:  # fmt: skip
+    """The markdown tables and the verdicts; also returns the problems found."""
     problems: list[str] = []
     print(f"\n`{cmd}` on {os.cpu_count()} cores ({platform.processor() or platform.machine()}), "
           f"{plan.seconds:g} s per cell, wrk -t1 -c{plan.connections}, "
           f"{time.strftime('%Y-%m-%d')}\n")  # fmt: skip
     print(
-        "| scenario | workers | flashsale req/s | (a) PostgreSQL req/s | (b) Redis lock req/s "
-        "| flashsale / (a) | flashsale / (b) | flashsale p99 ms | wrk CPU (of one core) |"
+        "| scenario | workers | server | flashsale req/s | (a) PostgreSQL req/s "
+        "| (b) Redis lock req/s | flashsale / (a) | flashsale / (b) | flashsale p99 ms "
+        "| wrk CPU (of one core) |"
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for row in rows:
-        fs, a, b = (_rate(row, n) for n in ("flashsale", "pg", "lock"))
-        r = row.results["flashsale"]
+        a, b = _rate(row, "pg"), _rate(row, "lock")
         name = row.scenario + (" (new vouchers/s)" if row.scenario == "claim success" else "")
-        if row.scenario == "/healthz":
-            a_txt, b_txt = "(same stack)", "(same stack)"
-            ra, rb = _ratio(fs, a), _ratio(fs, b)
-        else:
-            a_txt, b_txt, ra, rb = _fmt(a), _fmt(b), _ratio(fs, a), _ratio(fs, b)
-        print(f"| {name} | {row.workers} | {_fmt(fs)} | {a_txt} | {b_txt} | {ra} | {rb} "
-              f"| {r.p99_ms:.1f} | {r.wrk_cpu_pct:.0f}% |")  # fmt: skip
+        for server, fs_name in zip(plan.servers, plan.fs_names, strict=True):
+            fs = _rate(row, fs_name)
+            r = row.results[fs_name]
+            if row.scenario == "/healthz":
+                a_txt, b_txt = "(uvicorn)", "(uvicorn)"
+            else:
+                a_txt, b_txt = _fmt(a), _fmt(b)
+            print(f"| {name} | {row.workers} | {server} | {_fmt(fs)} | {a_txt} | {b_txt} "
+                  f"| {_ratio(fs, a)} | {_ratio(fs, b)} | {r.p99_ms:.1f} "
+                  f"| {r.wrk_cpu_pct:.0f}% |")  # fmt: skip
         for sysname, res in row.results.items():
             # The lock peer's 503s are its lock-wait timeouts: the seed flow's own answer.
             if res.server_errors and sysname != "lock":
@@ -443,35 +511,58 @@ def report(rows: list[Row], drained: tuple[int, float], plan: Plan, cmd: str) ->
                 problems.append(f"claim storm {row.workers}w {sysname}: oversold, "
                                 f"{issued} vouchers for {STORM_INVENTORY}")  # fmt: skip
     rows_n, rate = drained
-    print(f"| persister drain (rows/s into PostgreSQL, fsync on) | 1 process | {_fmt(rate)} "
+    print(f"| persister drain (rows/s into PostgreSQL, fsync on) | 1 process | - | {_fmt(rate)} "
           f"| (claims are written synchronously) | - | - | - | - | - |")  # fmt: skip
-    print("\nAnswers by status (flashsale | (a) | (b)):\n")
+    print("\nAnswers by status (" + " | ".join([*plan.fs_names, "(a)", "(b)"]) + "):\n")
     for row in rows:
         if row.scenario.startswith("claim"):
-            answers = " | ".join(_answers(row.results[n]) for n in ("flashsale", "pg", "lock"))
+            names = [*plan.fs_names, "pg", "lock"]
+            answers = " | ".join(_answers(row.results[n]) for n in names)
             print(f"- {row.scenario}, {row.workers} worker(s): {answers}")
     print(f"- persister drain: {rows_n:,} stream entries (every deal and voucher of the run)")
+    if balanced:
+        direct = {(r.scenario, n): _rate(r, n) for r in rows if r.workers == max(plan.workers)
+                  for n in plan.fs_names}  # fmt: skip
+        print(
+            f"\nThrough nginx (deploy/nginx.conf) over {balanced[0].processes} API processes "
+            f"of 1 worker, next to one process of {max(plan.workers)} workers direct:\n"
+        )
+        print(
+            "| server | scenario | through nginx req/s | direct req/s | nginx / direct "
+            "| nginx p99 ms | answers through nginx |"
+        )
+        print("| --- | --- | ---: | ---: | ---: | ---: | --- |")
+        for run in balanced:
+            for scenario, res in (("/healthz", run.health), ("claim storm", run.storm)):
+                d = direct.get((scenario, f"flashsale-{run.server}"), 0.0)
+                print(f"| {run.server} | {scenario} | {_fmt(res.rps)} | {_fmt(d)} "
+                      f"| {res.rps / d if d else 0:.2f} | {res.p99_ms:.1f} "
+                      f"| {_answers(res)} |")  # fmt: skip
+                if res.server_errors:
+                    problems.append(f"nginx {run.server} {scenario}: {res.server_errors} 5xx")
+                if scenario == "claim storm" and res.statuses.get(201, 0) > STORM_INVENTORY:
+                    problems.append(f"nginx {run.server}: oversold")
     print("\nTargets:\n")
     for w in sorted({r.workers for r in rows}):
         by = {r.scenario: r for r in rows if r.workers == w}
         if not {"/healthz", "claim storm", "claim success"} <= by.keys():
             continue
-        health = _rate(by["/healthz"], "flashsale")
-        storm = _rate(by["claim storm"], "flashsale")
-        success, success_a = (
-            _rate(by["claim success"], "flashsale"),
-            _rate(by["claim success"], "pg"),
-        )
-        verdict = "met" if storm >= health / 2 else "NOT met"
-        print(f"- {w} worker(s): claim storm {_fmt(storm)}/s = {storm / health:.2f} of /healthz "
-              f"({_fmt(health)}/s); target 0.5: {verdict}")  # fmt: skip
-        verdict = "met" if success >= 3 * success_a else "NOT met"
-        times = _ratio(success, success_a)
-        print(f"- {w} worker(s): claim success {_fmt(success)}/s = {times} peer (a) "
-              f"({_fmt(success_a)}/s); target 3x: {verdict}")  # fmt: skip
-        print(f"- {w} worker(s): claim storm {_fmt(storm)}/s against 16.7k/s (1 million a "
-              f"minute): {100 * storm / ONE_MILLION_A_MINUTE:.0f}%, load generator included on "
-              f"the same {os.cpu_count()} cores")  # fmt: skip
+        for server, fs_name in zip(plan.servers, plan.fs_names, strict=True):
+            tag = f"{w} worker(s), {server}"
+            health = _rate(by["/healthz"], fs_name)
+            storm = _rate(by["claim storm"], fs_name)
+            success = _rate(by["claim success"], fs_name)
+            success_a = _rate(by["claim success"], "pg")
+            verdict = "met" if storm >= STORM_OF_HEALTHZ * health else "NOT met"
+            print(f"- {tag}: claim storm {_fmt(storm)}/s = {storm / health:.2f} of /healthz "
+                  f"({_fmt(health)}/s); target {STORM_OF_HEALTHZ}: {verdict}")  # fmt: skip
+            verdict = "met" if success >= 3 * success_a else "NOT met"
+            print(f"- {tag}: claim success {_fmt(success)}/s = {_ratio(success, success_a)} "
+                  f"peer (a) ({_fmt(success_a)}/s); target 3x: {verdict}")  # fmt: skip
+            verdict = "met" if storm >= ONE_MILLION_A_MINUTE else "NOT met"
+            print(f"- {tag}: claim storm {_fmt(storm)}/s against 16.7k/s (1 million a minute): "
+                  f"{100 * storm / ONE_MILLION_A_MINUTE:.0f}%, {verdict} (wrk on the same "
+                  f"{os.cpu_count()} cores)")  # fmt: skip
     for p in problems:
         print(f"- PROBLEM: {p}")
     return problems
@@ -483,6 +574,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, help="seconds per cell (default 8, quick 3)")
     p.add_argument("--connections", type=int, default=256)
     p.add_argument("--workers", default="1,2", help="worker counts to compare, e.g. 1,2")
+    p.add_argument("--servers", default="uvicorn,granian",
+                   help="HTTP servers under flashsale serve, side by side")  # fmt: skip
+    p.add_argument("--no-balancer", action="store_true",
+                   help="skip the run through nginx (deploy/nginx.conf)")  # fmt: skip
     p.add_argument("--redis-url", default=os.environ.get("BENCH_REDIS_URL"))
     p.add_argument("--database-url", default=os.environ.get("BENCH_DATABASE_URL"))
     args = p.parse_args(argv)
@@ -491,8 +586,16 @@ def main(argv: list[str] | None = None) -> int:
         print("loadtest.bench needs wrk (Debian: apt-get install wrk)", file=sys.stderr)
         return 2
     seconds = args.seconds or (3.0 if args.quick else 8.0)
+    from loadtest.balancer import nginx_binary
+
+    balancer = not args.no_balancer
+    if balancer and nginx_binary() is None:
+        print("no nginx (Debian: apt-get install nginx-light): skipping the balancer run",
+              file=sys.stderr)  # fmt: skip
+        balancer = False
     plan = Plan(seconds, args.connections, [int(w) for w in args.workers.split(",")],
-                success_tokens=int(max(seconds, 3) * 25_000))  # fmt: skip
+                success_tokens=int(max(seconds, 3) * 25_000),
+                servers=args.servers.split(","), balancer=balancer)  # fmt: skip
     cmd = "python -m loadtest.bench " + " ".join(argv if argv is not None else sys.argv[1:])
     started = time.monotonic()
     with contextlib.ExitStack() as stack:
@@ -520,9 +623,10 @@ def main(argv: list[str] | None = None) -> int:
         rows: list[Row] = []
         for w in plan.workers:
             rows += run_workers(b, plan, w, tmp, storm_file, success_file)
+        balanced = run_balancer(b, plan, tmp, storm_file) if plan.balancer else []
         print("  persister drain", flush=True)
         drained = asyncio.run(drain(b))
-        problems = report(rows, drained, plan, cmd.strip())
+        problems = report(rows, drained, plan, cmd.strip(), balanced)
     print(f"\n(whole run: {time.monotonic() - started:.0f} s)")
     return 1 if problems else 0
 

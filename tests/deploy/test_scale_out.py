@@ -1,20 +1,17 @@
 """Scale-out on one machine: Debian's nginx with deploy/nginx.conf in front of three
 `flashsale serve` processes and two persisters over one Redis (and over the local Redis
 Cluster). The config is the project's own, adapted only in ports, addresses and the paths
-of its pid and temp files.
+of its pid and temp files (``loadtest/balancer.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -29,8 +26,8 @@ import pytest
 
 from api.auth import mint
 from engine.settings import Settings
-from flashsale.embedded import free_port
 from flashsale.serve import DEFAULT_SERVER
+from loadtest.balancer import Nginx, nginx_binary
 from tests.conftest import flush
 from tests.persister.conftest import drop_database, fresh_database
 from tests.served import ROOT, Served, serve_env
@@ -46,71 +43,10 @@ KILL_AFTER_ANSWERS = 300
 API_ENV = {"FLASHSALE_RATE_ADDRESS": "0", "FLASHSALE_TRUSTED_PROXIES": "127.0.0.1"}
 
 
-def nginx_binary() -> str:
-    found = shutil.which("nginx") or next(
-        (p for p in ("/usr/sbin/nginx", "/sbin/nginx") if Path(p).exists()), None
-    )
-    if found is None:
+@pytest.fixture(autouse=True)
+def _nginx_installed() -> None:
+    if nginx_binary() is None:
         pytest.skip("nginx is not installed (Debian: apt-get install nginx-light)")
-    return found
-
-
-@dataclass
-class Nginx:
-    """deploy/nginx.conf, listening on a free local port, proxying to ``upstreams``."""
-
-    upstreams: list[int]
-    workdir: Path
-    port: int = 0
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def config(self) -> str:
-        conf = (ROOT / "deploy" / "nginx.conf").read_text()
-        servers = "".join(f"        server 127.0.0.1:{p} max_fails=3 fail_timeout=5s;\n"
-                          for p in self.upstreams)  # fmt: skip
-        conf, n = re.subn(r"^ *server api:8000 .*;\n", servers, conf, flags=re.M)
-        assert n == 1, "deploy/nginx.conf's upstream line changed; adapt this test"
-        conf, n = re.subn(r"listen 80 ", f"listen 127.0.0.1:{self.port} ", conf)
-        assert n == 1
-        return conf.replace("/tmp/", f"{self.workdir}/")
-
-    def start(self) -> Nginx:
-        binary = nginx_binary()
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        path = self.workdir / "nginx.conf"
-        path.write_text(self.config())
-        log = open(self.workdir / "nginx.log", "ab")  # noqa: SIM115 - nginx writes to it
-        self.proc = subprocess.Popen(
-            [binary, "-p", str(self.workdir), "-e", "stderr", "-c", str(path),
-             "-g", "daemon off;"],
-            stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        log.close()
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log()
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(self.url + "/nginx-health", timeout=1).status_code == 200:
-                    return self
-            time.sleep(0.1)
-        raise AssertionError(f"nginx never answered: {self.log()}")
-
-    def log(self) -> str:
-        return (self.workdir / "nginx.log").read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGQUIT)  # graceful: workers finish, then exit
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
 
 
 @dataclass
