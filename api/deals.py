@@ -143,7 +143,7 @@ async def claim(scope: Scope, receive: Receive, send: Send) -> None:
     svc.metrics.claimed(result.outcome)
     body = orjson.dumps(
         {
-            "voucher": voucher_json(result, svc.signer.sign(result)),
+            "voucher": voucher_json(result.voucher, svc.signer.sign(result.voucher)),
             "inventory_left": result.inventory_left,
         }
     )

@@ -17,7 +17,7 @@ from starlette.routing import Route
 from api.app import services
 from api.jsonio import json
 from api.validation import query_int, valid_id
-from engine.claims import ALREADY, Claim
+from engine.claims import Voucher
 from engine.errors import DatabaseUnavailable, InvalidRequest
 from engine.vouchers import voucher_json
 
@@ -45,8 +45,7 @@ def decode_cursor(cursor: str) -> tuple[int, str]:
 
 
 def _item(row: Any, token_for: Any) -> dict[str, Any]:
-    claim = Claim(
-        outcome=ALREADY,
+    voucher = Voucher(
         voucher_id=row["id"],
         deal_id=row["deal_id"],
         user_id=row["user_id"],
@@ -54,9 +53,8 @@ def _item(row: Any, token_for: Any) -> dict[str, Any]:
         seq=int(row["seq"]),
         claimed_at_ms=int(row["claimed_ms"]),
         redeem_until_ms=int(row["redeem_until_ms"]),
-        inventory_left=0,
     )
-    item = voucher_json(claim, token_for(claim))
+    item = voucher_json(voucher, token_for(voucher))
     item["status"] = "redeemed" if row["redeemed"] else "issued"
     return item
 

@@ -67,10 +67,10 @@ async def _visible(request: Request, *, holder_only: bool) -> HeldVoucher:
     voucher_id: str = request.path_params["voucher_id"]
     held = await read_voucher(svc.store, voucher_id) if valid_id(voucher_id) else None
     if held is not None:
-        c = held.claim
-        if caller.role == "user" and caller.id == c.user_id:
+        v = held.voucher
+        if caller.role == "user" and caller.id == v.user_id:
             return held
-        if not holder_only and caller.role == "merchant" and caller.id == c.merchant_id:
+        if not holder_only and caller.role == "merchant" and caller.id == v.merchant_id:
             return held
     # Nobody learns whose vouchers exist: not found, not forbidden.
     raise VoucherNotFound(voucher_id=voucher_id[:64])
@@ -78,12 +78,12 @@ async def _visible(request: Request, *, holder_only: bool) -> HeldVoucher:
 
 async def read(request: Request) -> Response:
     held = await _visible(request, holder_only=False)
-    token = services(request).signer.sign(held.claim)
-    return json({"voucher": voucher_json(held.claim, token), "status": held.status})
+    token = services(request).signer.sign(held.voucher)
+    return json({"voucher": voucher_json(held.voucher, token), "status": held.status})
 
 
 def _qr(request: Request, held: HeldVoucher) -> segno.QRCode:
-    return segno.make_qr(services(request).signer.sign(held.claim), error="m")
+    return segno.make_qr(services(request).signer.sign(held.voucher), error="m")
 
 
 async def qr_svg(request: Request) -> Response:

@@ -1,4 +1,10 @@
-"""Claims: the race for a deal's vouchers, decided by one Lua call (``claim_voucher``)."""
+"""Claims: the race for a deal's vouchers, decided by one Lua call (``claim_voucher``).
+
+Three names, three ideas: a :class:`Voucher` is what a user holds (as the claimers hash
+stores it: :func:`holder_value`); a :class:`ClaimResult` is what one claim call decided
+(the voucher, whether this call issued it, the stock left); a verified voucher *token*
+is :class:`engine.vouchers.VoucherToken`.
+"""
 
 from __future__ import annotations
 
@@ -53,10 +59,9 @@ def parse_holder(value: str) -> tuple[str, int, int]:
 
 
 @dataclass(frozen=True, slots=True)
-class Claim:
-    """A voucher held by a user; ``outcome`` tells whether this call issued it."""
+class Voucher:
+    """A voucher a user holds: one deal's ``seq``-th, claimed at ``claimed_at_ms``."""
 
-    outcome: str
     voucher_id: str
     deal_id: str
     user_id: str
@@ -64,14 +69,23 @@ class Claim:
     seq: int
     claimed_at_ms: int
     redeem_until_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimResult:
+    """What one claim call decided: the caller's voucher, and whether this call issued it."""
+
+    voucher: Voucher
+    is_new: bool
     inventory_left: int
 
     @property
-    def is_new(self) -> bool:
-        return self.outcome == CLAIMED
+    def outcome(self) -> str:
+        """The script's outcome: ``claimed`` (issued now) or ``already`` (held before)."""
+        return CLAIMED if self.is_new else ALREADY
 
 
-async def claim(store: Store, deal_id: str, user_id: str) -> Claim:
+async def claim(store: Store, deal_id: str, user_id: str) -> ClaimResult:
     """Take one voucher for ``user_id``, or return the one they hold.
 
     Raises the refusal's error (``SoldOut``, ``DealEnded``...) or ``StoreUnavailable``.
@@ -85,8 +99,7 @@ async def claim(store: Store, deal_id: str, user_id: str) -> Claim:
     outcome = reply[0]
     if outcome != CLAIMED and outcome != ALREADY:
         raise _REFUSALS[outcome](deal_id=deal_id)
-    return Claim(
-        outcome=outcome,
+    voucher = Voucher(
         voucher_id=reply[1],
         deal_id=deal_id,
         user_id=user_id,
@@ -94,5 +107,5 @@ async def claim(store: Store, deal_id: str, user_id: str) -> Claim:
         seq=int(reply[2]),
         claimed_at_ms=int(reply[3]),
         redeem_until_ms=int(reply[6]),
-        inventory_left=max(int(reply[4]), 0),
     )
+    return ClaimResult(voucher, is_new=outcome == CLAIMED, inventory_left=max(int(reply[4]), 0))

@@ -32,7 +32,7 @@ from engine.errors import (
 from engine.keys import sync_entries_key
 from engine.store import Store
 from engine.times import parse_rfc3339, to_rfc3339
-from engine.vouchers import VoucherClaims, VoucherSigner
+from engine.vouchers import VoucherSigner, VoucherToken
 
 MAX_SYNC_ENTRIES = 1000
 # A merchant's entry results are kept this long after its last upload: longer than any
@@ -67,27 +67,27 @@ class Redemption:
 
 async def _run(
     store: Store,
-    claims: VoucherClaims,
+    verified: VoucherToken,
     merchant_id: str,
     device_id: str,
     entry_id: str,
     at_ms: int | None,
 ) -> tuple[str, int, int]:
-    k = store.keys.for_deal(claims.deal_id)
+    k = store.keys.for_deal(verified.deal_id)
     # Online, the time is Redis's own clock: no device drift to allow for.
     drift_ms = 0 if at_ms is None else store.settings.device_clock_drift_ms
     outcome, at, first_at = await store.run(
         "redeem_voucher",
         (k.redemptions, k.vouchers, k.claimers, k.events),
         (
-            claims.voucher_id,
-            claims.deal_id,
-            claims.user_id,
+            verified.voucher_id,
+            verified.deal_id,
+            verified.user_id,
             merchant_id,
             device_id,
             entry_id,
             "" if at_ms is None else at_ms,
-            claims.expires_at_s * 1000,
+            verified.expires_at_s * 1000,
             drift_ms,
             store.settings.stream_cap,
         ),
@@ -105,14 +105,14 @@ async def redeem(
     Raises ``InvalidVoucher`` (422), ``NotYourVoucher`` (403), ``AlreadyRedeemed`` (409),
     or ``Unavailable`` (503).
     """
-    claims = signer.verify(token)  # type: ignore[arg-type]
-    if claims.merchant_id != merchant_id:
+    verified = signer.verify(token)  # type: ignore[arg-type]
+    if verified.merchant_id != merchant_id:
         raise NotYourVoucher()
-    outcome, at, first_at = await _run(store, claims, merchant_id, "", "", None)
+    outcome, at, first_at = await _run(store, verified, merchant_id, "", "", None)
     if outcome == ACCEPTED:
-        return Redemption(claims.voucher_id, at)
+        return Redemption(verified.voucher_id, at)
     if outcome == "already":
-        raise AlreadyRedeemed(redeemed_at=to_rfc3339(first_at), voucher_id=claims.voucher_id)
+        raise AlreadyRedeemed(redeemed_at=to_rfc3339(first_at), voucher_id=verified.voucher_id)
     if outcome == "expired":
         raise InvalidVoucher("This voucher has expired.", reason="expired")
     if outcome == "unknown":
@@ -131,7 +131,7 @@ class _Entry:
     token: object
     redeemed_at: object
     result: dict[str, Any] | None = None
-    claims: VoucherClaims | None = None
+    verified: VoucherToken | None = None
     at_ms: int = 0
 
 
@@ -189,11 +189,11 @@ def _parse(raw: object, index: int, valid_id: Any) -> _Entry:
 def _check(entry: _Entry, signer: VoucherSigner, merchant_id: str) -> None:
     """Verify the token and the device time; set ``entry.result`` if it is rejected."""
     try:
-        entry.claims = signer.verify(entry.token)  # type: ignore[arg-type]
+        entry.verified = signer.verify(entry.token)  # type: ignore[arg-type]
     except InvalidVoucher as exc:
         entry.result = _rejected(entry.entry_id, "invalid_voucher", exc.message)
         return
-    if entry.claims.merchant_id != merchant_id:
+    if entry.verified.merchant_id != merchant_id:
         entry.result = _rejected(
             entry.entry_id, "not_your_voucher", "This voucher belongs to another merchant."
         )
@@ -213,9 +213,9 @@ async def _redeem_in_order(
 ) -> None:
     """Redeem one voucher's entries in the order sent: the earlier one is first."""
     for entry in entries:
-        assert entry.claims is not None and entry.entry_id is not None
+        assert entry.verified is not None and entry.entry_id is not None
         outcome, _at, first_at = await _run(
-            store, entry.claims, merchant_id, device_id, entry.entry_id, entry.at_ms
+            store, entry.verified, merchant_id, device_id, entry.entry_id, entry.at_ms
         )
         if outcome == ACCEPTED:
             entry.result = _result(entry.entry_id, ACCEPTED, None, first_at)
@@ -287,8 +287,8 @@ async def sync(
     # 3. Redeem: vouchers in parallel (one pipeline), each voucher's entries in order.
     by_voucher: dict[str, list[_Entry]] = {}
     for entry in fresh:
-        if entry.result is None and entry.claims is not None:
-            by_voucher.setdefault(entry.claims.voucher_id, []).append(entry)
+        if entry.result is None and entry.verified is not None:
+            by_voucher.setdefault(entry.verified.voucher_id, []).append(entry)
     if by_voucher:
         # gather, not a TaskGroup: a TaskGroup wraps StoreUnavailable / BacklogFull in an
         # ExceptionGroup, which would surface as a 500 instead of their 503.

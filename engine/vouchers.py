@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 )
 from jwt.algorithms import ECAlgorithm
 
-from engine.claims import Claim, deal_of_voucher, parse_holder
+from engine.claims import Voucher, deal_of_voucher, parse_holder
 from engine.deals import MAX_REDEEM_AFTER_END_MS, MAX_WINDOW_MS
 from engine.errors import InvalidVoucher
 from engine.store import Store
@@ -174,8 +174,8 @@ def build_ring(keys: list[_Key], now_ms: int) -> KeyRing:
 
 
 @dataclass(frozen=True, slots=True)
-class VoucherClaims:
-    """A voucher token's verified payload."""
+class VoucherToken:
+    """A verified voucher token: its payload's claims and the key that signed it."""
 
     voucher_id: str
     deal_id: str
@@ -251,24 +251,24 @@ class VoucherSigner:
             self._header_b64[kid] = h
         return h
 
-    def sign(self, claim: Claim) -> str:
+    def sign(self, voucher: Voucher) -> str:
         """The compact JWS of a voucher (built by hand: half the cost of ``jwt.encode``)."""
         key = self.ring.signing
         payload = {
             "iss": ISSUER,
-            "aud": claim.merchant_id,
-            "sub": claim.user_id,
-            "jti": claim.voucher_id,
-            "deal": claim.deal_id,
-            "iat": claim.claimed_at_ms // 1000,
-            "exp": claim.redeem_until_ms // 1000,
+            "aud": voucher.merchant_id,
+            "sub": voucher.user_id,
+            "jti": voucher.voucher_id,
+            "deal": voucher.deal_id,
+            "iat": voucher.claimed_at_ms // 1000,
+            "exp": voucher.redeem_until_ms // 1000,
         }
         signing_input = self._header(key.kid) + b"." + b64url(orjson.dumps(payload)).encode()
         r, s = decode_dss_signature(key.private.sign(signing_input, _ECDSA))
         sig = b64url(r.to_bytes(32, "big") + s.to_bytes(32, "big"))
         return signing_input.decode("ascii") + "." + sig
 
-    def verify(self, token: str, now_ms: int | None = None) -> VoucherClaims:
+    def verify(self, token: str, now_ms: int | None = None) -> VoucherToken:
         """Check a token as a merchant's verifier would, with the published keys.
 
         Pins ``alg`` ES256 and ``typ`` vch+jwt, requires a published ``kid``, a valid
@@ -283,7 +283,7 @@ def _invalid(reason: str) -> InvalidVoucher:
     return InvalidVoucher(f"This is not a valid voucher: {reason}.", reason=reason)
 
 
-def verify_token(ring: KeyRing, token: object, now_ms: int | None = None) -> VoucherClaims:
+def verify_token(ring: KeyRing, token: object, now_ms: int | None = None) -> VoucherToken:
     """See :meth:`VoucherSigner.verify`."""
     if not isinstance(token, str):
         raise _invalid("malformed")
@@ -326,7 +326,7 @@ def verify_token(ring: KeyRing, token: object, now_ms: int | None = None) -> Vou
     return _claims(payload, kid, now_ms)
 
 
-def _claims(payload: dict[str, Any], kid: str, now_ms: int | None) -> VoucherClaims:
+def _claims(payload: dict[str, Any], kid: str, now_ms: int | None) -> VoucherToken:
     missing = [c for c in _REQUIRED_CLAIMS if c not in payload]
     if missing:
         raise _invalid("missing claims " + ", ".join(missing))
@@ -342,7 +342,7 @@ def _claims(payload: dict[str, Any], kid: str, now_ms: int | None) -> VoucherCla
         raise _invalid("malformed claims")
     if now_ms is not None and now_ms >= payload["exp"] * 1000:
         raise _invalid("expired")
-    return VoucherClaims(
+    return VoucherToken(
         voucher_id=payload["jti"],
         deal_id=payload["deal"],
         user_id=payload["sub"],
@@ -353,17 +353,17 @@ def _claims(payload: dict[str, Any], kid: str, now_ms: int | None) -> VoucherCla
     )
 
 
-def voucher_json(claim: Claim, token: str) -> dict[str, Any]:
+def voucher_json(voucher: Voucher, token: str) -> dict[str, Any]:
     """The API's ``Voucher`` object."""
     return {
-        "id": claim.voucher_id,
-        "deal_id": claim.deal_id,
-        "user_id": claim.user_id,
-        "merchant_id": claim.merchant_id,
-        "claimed_at": to_rfc3339(claim.claimed_at_ms),
-        "expires_at": to_rfc3339(claim.redeem_until_ms),
+        "id": voucher.voucher_id,
+        "deal_id": voucher.deal_id,
+        "user_id": voucher.user_id,
+        "merchant_id": voucher.merchant_id,
+        "claimed_at": to_rfc3339(voucher.claimed_at_ms),
+        "expires_at": to_rfc3339(voucher.redeem_until_ms),
         "token": token,
-        "qr_url": f"/v1/vouchers/{claim.voucher_id}/qr.svg",
+        "qr_url": f"/v1/vouchers/{voucher.voucher_id}/qr.svg",
     }
 
 
@@ -371,7 +371,7 @@ def voucher_json(claim: Claim, token: str) -> dict[str, Any]:
 class HeldVoucher:
     """A voucher as Redis holds it, with its redemption time if it was redeemed."""
 
-    claim: Claim
+    voucher: Voucher
     redeemed_at_ms: int | None
 
     @property
@@ -399,15 +399,5 @@ async def read_voucher(store: Store, voucher_id: str) -> HeldVoucher | None:
     vid, seq, claimed_at = parse_holder(held)
     if vid != voucher_id:
         return None
-    claim = Claim(
-        outcome="already",
-        voucher_id=voucher_id,
-        deal_id=deal_id,
-        user_id=user,
-        merchant_id=merchant,
-        seq=seq,
-        claimed_at_ms=claimed_at,
-        redeem_until_ms=int(redeem),
-        inventory_left=0,
-    )
-    return HeldVoucher(claim, int(redeemed.split("|", 1)[0]) if redeemed else None)
+    voucher = Voucher(voucher_id, deal_id, user, merchant, seq, claimed_at, int(redeem))
+    return HeldVoucher(voucher, int(redeemed.split("|", 1)[0]) if redeemed else None)

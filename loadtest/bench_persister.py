@@ -133,7 +133,9 @@ async def _insert_alone(store: Store, dsn: str, batch: int) -> float:
         await conn.execute("CHECKPOINT")
         started = time.perf_counter()
         for rows in chunks:
-            deal, seq, voucher, user, at, _s, _e = (list(c) for c in zip(*rows.claims, strict=True))
+            deal, seq, voucher, user, at, _s, _e = (
+                list(c) for c in zip(*rows.vouchers, strict=True)
+            )
             async with conn.transaction():
                 await conn.fetchval(queries.INSERT_VOUCHERS, voucher, deal, seq, user, at)
         elapsed = time.perf_counter() - started

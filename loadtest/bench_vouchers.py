@@ -14,7 +14,7 @@ from pathlib import Path
 
 import jwt
 
-from engine.claims import Claim
+from engine.claims import Voucher
 from engine.vouchers import VoucherSigner
 
 
@@ -31,16 +31,16 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=20_000)
     n = parser.parse_args().n
     now = int(time.time() * 1000)
-    claim = Claim("claimed", "v0123456789abcdef.d_0123456789abcdef", "d_0123456789abcdef",
-                  "u-123456", "m-42", 1, now, now + 86_400_000, 9)  # fmt: skip
+    voucher = Voucher("v0123456789abcdef.d_0123456789abcdef", "d_0123456789abcdef",
+                      "u-123456", "m-42", 1, now, now + 86_400_000)  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         signer = VoucherSigner(Path(tmp))
-        token = signer.sign(claim)
+        token = signer.sign(voucher)
         key = signer.ring.signing.private
         payload = jwt.decode(token, options={"verify_signature": False})
         headers = {"kid": signer.kid, "typ": "vch+jwt"}
         rows = [
-            ("sign (engine, hand-built JWS)", _per_op_us(lambda: signer.sign(claim), n)),
+            ("sign (engine, hand-built JWS)", _per_op_us(lambda: signer.sign(voucher), n)),
             ("sign (jwt.encode, for comparison)",
              _per_op_us(lambda: jwt.encode(payload, key, "ES256", headers=headers), n)),
             ("verify (engine, server side)", _per_op_us(lambda: signer.verify(token), n)),

@@ -46,7 +46,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from api.auth import Authenticator
-from engine.claims import Claim
+from engine.claims import ClaimResult, Voucher
 from engine.errors import FlashsaleError
 from engine.vouchers import VoucherSigner, voucher_json
 
@@ -158,10 +158,13 @@ class _Peer:
     def caller_id(self, request: Request) -> str:
         return self.auth.require(request.headers.get("authorization"), "user").id
 
-    def voucher(self, claim: Claim) -> Response:
-        token = self.signer.sign(claim)
-        body = {"voucher": voucher_json(claim, token), "inventory_left": claim.inventory_left}
-        return _json(body, 201 if claim.is_new else 200)
+    def voucher(self, result: ClaimResult) -> Response:
+        token = self.signer.sign(result.voucher)
+        body = {
+            "voucher": voucher_json(result.voucher, token),
+            "inventory_left": result.inventory_left,
+        }
+        return _json(body, 201 if result.is_new else 200)
 
     async def healthz(self, request: Request) -> Response:
         return _json({"status": "ok"})
@@ -198,9 +201,9 @@ class PostgresPeer(_Peer):
         assert row is not None
         if row["outcome"] not in ("claimed", "already"):
             return _refuse(row["outcome"])
-        return self.voucher(Claim(row["outcome"], row["voucher_id"], deal_id, user,
-                                  row["merchant_id"], 0, row["claimed_ms"], row["redeem_ms"],
-                                  row["left_after"]))  # fmt: skip
+        voucher = Voucher(row["voucher_id"], deal_id, user, row["merchant_id"], 0,
+                          row["claimed_ms"], row["redeem_ms"])  # fmt: skip
+        return self.voucher(ClaimResult(voucher, row["outcome"] == "claimed", row["left_after"]))
 
     async def discover(self, request: Request) -> Response:
         q = request.query_params
@@ -269,16 +272,15 @@ class LockPeer(_Peer):
             held = await r.hget(f"{key}:claimers", user)  # 3. no duplicate
             if held is not None:
                 vid, at = held.split("|")
-                old = Claim("already", vid, deal_id, user, deal["merchant"], 0, int(at),
-                            int(deal["redeem"]), int(deal["left"]))  # fmt: skip
-                return self.voucher(old)
+                old = Voucher(vid, deal_id, user, deal["merchant"], 0, int(at), int(deal["redeem"]))
+                return self.voucher(ClaimResult(old, False, int(deal["left"])))
             left = await r.hincrby(key, "left", -1)  # 4. decrement
             vid = f"v{secrets.token_hex(8)}.{deal_id}"
             await r.hset(f"{key}:claimers", user, f"{vid}|{now}")  # 5. record the claim
         finally:
             await r.eval(_UNLOCK, 1, lock, me)  # 6. unlock (only our own lock)
-        return self.voucher(Claim("claimed", vid, deal_id, user, deal["merchant"], 0, now,
-                                  int(deal["redeem"]), int(left)))  # fmt: skip
+        new = Voucher(vid, deal_id, user, deal["merchant"], 0, now, int(deal["redeem"]))
+        return self.voucher(ClaimResult(new, True, int(left)))
 
     async def discover(self, request: Request) -> Response:
         q = request.query_params

@@ -73,8 +73,8 @@ class Rows:
 
     deals: dict[str, tuple[Any, ...]] = field(default_factory=dict)
     cancels: dict[str, int] = field(default_factory=dict)
-    # deal, seq, voucher, user, at, stream, entry id
-    claims: list[tuple[str, int, str, str, int, str, str]] = field(default_factory=list)
+    # Vouchers issued (``claim`` events): deal, seq, voucher, user, at, stream, entry id
+    vouchers: list[tuple[str, int, str, str, int, str, str]] = field(default_factory=list)
     # voucher, deal, merchant, at, device, entry
     redeems: list[tuple[str, str, str, int, str, str]] = field(default_factory=list)
     # voucher, deal, merchant, at, device, entry, first_at
@@ -84,7 +84,7 @@ class Rows:
         return (
             len(self.deals)
             + len(self.cancels)
-            + len(self.claims)
+            + len(self.vouchers)
             + len(self.redeems)
             + len(self.conflicts)
         )
@@ -94,7 +94,7 @@ class Rows:
         f = entry.fields
         kind = f.get("type")
         if kind == "claim":
-            self.claims.append(
+            self.vouchers.append(
                 (
                     _text(f, "deal"),
                     _int(f, "seq", 1, _INT32_MAX),

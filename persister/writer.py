@@ -25,14 +25,14 @@ class Written:
     """What one write did."""
 
     entries: int = 0
-    claims: int = 0
+    vouchers: int = 0  # voucher rows in the batch (some may be there already)
     vouchers_new: int = 0
     parked: list[dict[str, Any]] = field(default_factory=list)
     dead: list[tuple[Entry, str]] = field(default_factory=list)
 
     def merge(self, other: Written) -> None:
         self.entries += other.entries
-        self.claims += other.claims
+        self.vouchers += other.vouchers
         self.vouchers_new += other.vouchers_new
         self.parked.extend(other.parked)
         self.dead.extend(other.dead)
@@ -44,18 +44,18 @@ def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
 
 async def write_rows(conn: Any, rows: Rows) -> Written:
     """Write parsed rows (inside the caller's transaction); park Redis time travellers."""
-    out = Written(claims=len(rows.claims))
+    out = Written(vouchers=len(rows.vouchers))
     if rows.deals:
         await conn.execute(queries.INSERT_DEALS, *_columns(list(rows.deals.values()), 11))
     if rows.cancels:
         await conn.execute(
             queries.UPSERT_CANCELS, list(rows.cancels.keys()), list(rows.cancels.values())
         )
-    if rows.claims:
-        deal, seq, voucher, user, at, stream, entry_id = _columns(rows.claims, 7)
+    if rows.vouchers:
+        deal, seq, voucher, user, at, stream, entry_id = _columns(rows.vouchers, 7)
         inserted = await conn.fetchval(queries.INSERT_VOUCHERS, voucher, deal, seq, user, at)
         out.vouchers_new = int(inserted)
-        if inserted < len(rows.claims):
+        if inserted < len(rows.vouchers):
             # Redelivered entries are already there; anything else clashed on a key.
             parked = await conn.fetch(
                 queries.PARK_VOUCHERS, voucher, deal, seq, user, at, stream, entry_id

@@ -33,8 +33,8 @@ class Rejected(Exception):
 
 
 @dataclass(frozen=True, slots=True)
-class Voucher:
-    """A verified voucher's claims."""
+class VoucherToken:
+    """A verified voucher token's claims (the server's ``engine.vouchers.VoucherToken``)."""
 
     voucher_id: str
     deal_id: str
@@ -67,7 +67,7 @@ def load_jwks(document: Any) -> dict[str, jwt.PyJWK]:
 
 def verify(
     token: str, keys: dict[str, jwt.PyJWK], merchant_id: str, now_s: float | None = None
-) -> Voucher:
+) -> VoucherToken:
     """Check a scanned token for ``merchant_id``; raise ``Rejected`` with the reason."""
     token = token.strip()  # scanner noise
     if not token or len(token) > MAX_TOKEN_CHARS or not _COMPACT.match(token):
@@ -118,7 +118,7 @@ def verify(
     now_s = time.time() if now_s is None else now_s
     if now_s >= claims["exp"]:
         raise Rejected("expired")
-    return Voucher(
+    return VoucherToken(
         voucher_id=claims["jti"],
         deal_id=claims["deal"],
         user_id=claims["sub"],

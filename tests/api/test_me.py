@@ -48,7 +48,7 @@ async def test_my_vouchers_newest_first_with_cursor_and_status(
     deals = [await create_deal(store, new_deal(5, merchant_id=f"m-{i}")) for i in range(5)]
     mine = []
     for d in deals:
-        mine.append(await claims.claim(store, d.id, "u-1"))
+        mine.append((await claims.claim(store, d.id, "u-1")).voucher)
         await claims.claim(store, d.id, "u-2")
         await asyncio.sleep(0.003)  # distinct claimed_at
     async with running_persister(api.settings):

@@ -21,7 +21,7 @@ from engine.store import Store
 from tests.helpers import new_deal
 
 
-async def _claim_or_refusal(store: Store, deal_id: str, user: str) -> claims.Claim | str:
+async def _claim_or_refusal(store: Store, deal_id: str, user: str) -> claims.ClaimResult | str:
     try:
         return await claims.claim(store, deal_id, user)
     except SoldOut:
@@ -36,7 +36,7 @@ async def test_5000_claimers_over_100_connections_get_exactly_the_inventory(
     try:
         deal = await create_deal(stores[0], new_deal(100))
 
-        async def storm(i: int, store: Store) -> list[claims.Claim | str]:
+        async def storm(i: int, store: Store) -> list[claims.ClaimResult | str]:
             users = [f"u-{i}-{j}" for j in range(50)]
             return await asyncio.gather(*(_claim_or_refusal(store, deal.id, u) for u in users))
 
@@ -47,14 +47,14 @@ async def test_5000_claimers_over_100_connections_get_exactly_the_inventory(
         for s in stores:
             await s.close()
 
-    won = [r for r in results if isinstance(r, claims.Claim)]
+    won = [r.voucher for r in results if isinstance(r, claims.ClaimResult)]
     assert len(results) == 5000
     assert len(won) == 100
-    assert all(r.is_new for r in won)
+    assert all(r.is_new for r in results if isinstance(r, claims.ClaimResult))
     assert len({c.user_id for c in won}) == 100
     assert len({c.voucher_id for c in won}) == 100
     assert sorted(c.seq for c in won) == list(range(1, 101))
-    assert all(c.inventory_left >= 0 for c in won)
+    assert all(r.inventory_left >= 0 for r in results if isinstance(r, claims.ClaimResult))
     assert results.count("sold_out") == 4900
     store = await Store.connect(settings)
     try:
@@ -78,8 +78,8 @@ async def test_one_person_firing_25_concurrent_claims_gets_one_voucher(store: St
     deal = await create_deal(store, new_deal(10))
     results = await asyncio.gather(*(claims.claim(store, deal.id, "u-1") for _ in range(25)))
     assert sum(r.is_new for r in results) == 1
-    assert {r.voucher_id for r in results} == {results[0].voucher_id}
-    assert {r.seq for r in results} == {1}
+    assert {r.voucher.voucher_id for r in results} == {results[0].voucher.voucher_id}
+    assert {r.voucher.seq for r in results} == {1}
     assert (await get_deal(store, deal.id)).inventory_left == 9
 
 
@@ -91,18 +91,18 @@ async def test_retry_returns_the_same_voucher_whatever_the_deal_state(store: Sto
     with pytest.raises(SoldOut):
         await claims.claim(store, deal.id, "u-2")
     again = await claims.claim(store, deal.id, "u-1")
-    assert (again.outcome, again.voucher_id, again.seq) == ("already", first.voucher_id, 1)
+    assert (again.is_new, again.voucher) == (False, first.voucher)
+    assert again.outcome == "already" and first.voucher.seq == 1
     await cancel_deal(store, deal.id, "m-1")
     after_cancel = await claims.claim(store, deal.id, "u-1")
-    assert after_cancel.voucher_id == first.voucher_id
-    assert after_cancel.claimed_at_ms == first.claimed_at_ms
+    assert after_cancel.voucher == first.voucher
 
 
 async def test_claim_carries_what_signing_needs(store: Store) -> None:
     """The claim reply names the merchant and the redeem-until time of the deal."""
     spec = new_deal(3, merchant_id="m-77")
     deal = await create_deal(store, spec)
-    c = await claims.claim(store, deal.id, "u-9")
+    c = (await claims.claim(store, deal.id, "u-9")).voucher
     assert c.merchant_id == "m-77"
     assert c.redeem_until_ms == spec.redeem_until_ms
     assert claims.deal_of_voucher(c.voucher_id) == deal.id
@@ -159,7 +159,7 @@ async def test_stream_cap_refuses_new_claims_but_not_retries(settings: Settings)
         with pytest.raises(BacklogFull):
             await claims.claim(store, deal.id, "u-3")
         again = await claims.claim(store, deal.id, "u-1")
-        assert again.voucher_id == held.voucher_id
+        assert again.voucher == held.voucher
         assert (await get_deal(store, deal.id)).inventory_left == 8
     finally:
         await store.close()

@@ -113,9 +113,9 @@ class ClaimMachine(RuleBasedStateMachine):
             assert result is not None
             assert result.inventory_left == m.left - 1
             m.left -= 1
-            m.holders[user] = result.voucher_id
+            m.holders[user] = result.voucher.voucher_id
         elif got == "already":
-            assert result is not None and result.voucher_id == m.holders[user]
+            assert result is not None and result.voucher.voucher_id == m.holders[user]
 
     @rule(deal_id=deals, merchant=st.sampled_from(MERCHANTS))
     def cancel(self, deal_id: str, merchant: str) -> None:

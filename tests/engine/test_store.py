@@ -79,7 +79,7 @@ async def test_stopped_redis_refuses_fast_then_recovers(own_redis: EmbeddedRedis
         assert loop.time() - started < 2.0
         own_redis.start()  # same port, same AOF: the deal survived
         again = await claims.claim(store, deal.id, "u-2")
-        assert again.is_new and again.seq == 2
+        assert again.is_new and again.voucher.seq == 2
     finally:
         await store.close()
 
@@ -153,7 +153,7 @@ async def test_an_unpackable_argument_fails_only_its_own_call(store: Store) -> N
     good = [claims.claim(store, deal.id, f"u-{i}") for i in range(3)]
     bad = store.run("read_deal", (k.deal,), (object(),))
     results = await asyncio.gather(*good, bad, return_exceptions=True)
-    assert all(isinstance(r, claims.Claim) and r.is_new for r in results[:3])
+    assert all(isinstance(r, claims.ClaimResult) and r.is_new for r in results[:3])
     assert isinstance(results[3], Exception)
 
 

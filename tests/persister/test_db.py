@@ -108,4 +108,4 @@ async def test_cancelled_and_read_only_writes_back_off_then_land(
 
 async def _claim_many(store: Store, deal_id: str, users: range) -> dict[str, str]:
     out = await asyncio.gather(*(claims.claim(store, deal_id, f"u-{i}") for i in users))
-    return {c.voucher_id: c.user_id for c in out if c.is_new}
+    return {r.voucher.voucher_id: r.voucher.user_id for r in out if r.is_new}

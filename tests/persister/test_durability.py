@@ -147,7 +147,7 @@ async def test_redis_killed_mid_run_in_aof_mode_loses_no_acknowledged_claim(
         async def storm(worker: int) -> None:
             for i in range(100_000):
                 try:
-                    c = await claims.claim(store, deals[i % 4].id, f"u-{worker}-{i}")
+                    c = (await claims.claim(store, deals[i % 4].id, f"u-{worker}-{i}")).voucher
                 except StoreUnavailable:
                     return
                 acked[c.voucher_id] = c.user_id
@@ -202,7 +202,7 @@ async def test_a_long_postgres_outage_never_dead_letters_what_the_persister_hold
             own_postgres.stop()
             issued = {}
             for i in range(60):
-                c = await claims.claim(store, deal.id, f"u-{i}")
+                c = (await claims.claim(store, deal.id, f"u-{i}")).voucher
                 issued[c.voucher_id] = c.user_id
             await asyncio.sleep(6.5)  # > claim_idle and > the reclaim period
             assert p._ahead is not None  # a batch in hand, and one read ahead
@@ -235,7 +235,7 @@ async def test_two_persisters_holding_batches_through_an_outage_leave_each_other
             own_postgres.stop()
             issued = {}
             for i in range(80):
-                c = await claims.claim(store, deal.id, f"u-{i}")
+                c = (await claims.claim(store, deal.id, f"u-{i}")).voucher
                 issued[c.voucher_id] = c.user_id
             await asyncio.sleep(7.0)  # > claim_idle and > the reclaim period
             own_postgres.start()

@@ -28,7 +28,7 @@ async def test_a_deleted_row_is_named_by_reconcile_and_restored_by_replay(
     psettings: Settings, pstore: Store, pg: asyncpg.Connection, capsys: pytest.CaptureFixture[str]
 ) -> None:
     deal = await create_deal(pstore, new_deal(10))
-    held = [await claims.claim(pstore, deal.id, f"u-{i}") for i in range(6)]
+    held = [(await claims.claim(pstore, deal.id, f"u-{i}")).voucher for i in range(6)]
     async with running_persister(psettings):
         await wait_caught_up(pstore)
         code, out = await _reconcile(psettings, capsys)
@@ -55,7 +55,7 @@ async def test_reconcile_reports_each_kind_of_difference(
 ) -> None:
     deal = await create_deal(pstore, new_deal(10))
     other = await create_deal(pstore, new_deal(10))
-    v = await claims.claim(pstore, deal.id, "u-1")
+    v = (await claims.claim(pstore, deal.id, "u-1")).voucher
     async with running_persister(psettings):
         await wait_caught_up(pstore)
     await pg.execute("UPDATE vouchers SET user_id = 'mallory' WHERE id = $1", v.voucher_id)
@@ -80,7 +80,7 @@ async def test_rebuild_redis_restores_inventory_winners_and_no_sold_stock(
     """Redis flushed, rebuilt from PostgreSQL: same stock, same vouchers, nothing resold."""
     deal = await create_deal(pstore, new_deal(5))
     gone = await create_deal(pstore, new_deal(3))
-    won = {u: await claims.claim(pstore, deal.id, u) for u in ("a", "b", "c")}
+    won = {u: (await claims.claim(pstore, deal.id, u)).voucher for u in ("a", "b", "c")}
     for u in ("x", "y", "z"):
         await claims.claim(pstore, gone.id, u)
     await cancel_deal(pstore, gone.id, "m-1")
@@ -99,10 +99,9 @@ async def test_rebuild_redis_restores_inventory_winners_and_no_sold_stock(
     assert gone.id not in await pstore.client.zrange(pstore.keys.for_deal(gone.id).geo, 0, -1)
     for u, first in won.items():
         back = await claims.claim(pstore, deal.id, u)
-        assert (back.outcome, back.voucher_id, back.seq) == ("already", first.voucher_id, first.seq)
-        assert back.claimed_at_ms == first.claimed_at_ms
+        assert (back.is_new, back.voucher) == (False, first)
     new = [await claims.claim(pstore, deal.id, u) for u in ("d", "e")]
-    assert [c.seq for c in new] == [4, 5]  # no seq reused
+    assert [r.voucher.seq for r in new] == [4, 5]  # no seq reused
     with pytest.raises(SoldOut):
         await claims.claim(pstore, deal.id, "f")
     async with running_persister(psettings):

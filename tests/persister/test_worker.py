@@ -24,7 +24,8 @@ async def _claim_many(store: Store, deal_ids: list[str], users: int) -> dict[str
         *(claims.claim(store, d, f"u-{i}") for d in deal_ids for i in range(users)),
         return_exceptions=True,
     )
-    return {r.voucher_id: r.user_id for r in results if isinstance(r, claims.Claim) and r.is_new}
+    new = [r.voucher for r in results if isinstance(r, claims.ClaimResult) and r.is_new]
+    return {v.voucher_id: v.user_id for v in new}
 
 
 async def _vouchers(pg: asyncpg.Connection) -> dict[str, str]:
@@ -145,7 +146,8 @@ async def test_two_persisters_over_several_partitions_count_exactly(
         got = await asyncio.gather(
             *(claims.claim(pstore, d.id, u) for d in deals for u in users), return_exceptions=True
         )
-        issued.update({c.voucher_id: c.user_id for c in got if isinstance(c, claims.Claim)})
+        won = [r.voucher for r in got if isinstance(r, claims.ClaimResult)]
+        issued.update({v.voucher_id: v.user_id for v in won})
         await asyncio.sleep(0.1)
     assert len(issued) == 8 * 150
     await wait_caught_up(pstore, 40)

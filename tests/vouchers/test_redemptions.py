@@ -16,8 +16,8 @@ from tests.helpers import new_deal
 
 async def _voucher(store: Store, signer: VoucherSigner, user: str = "u-1") -> tuple[str, str]:
     deal = await create_deal(store, new_deal(5))
-    claim = await claims.claim(store, deal.id, user)
-    return signer.sign(claim), claim.voucher_id
+    voucher = (await claims.claim(store, deal.id, user)).voucher
+    return signer.sign(voucher), voucher.voucher_id
 
 
 async def test_online_redemption_first_wins_and_records_the_documented_value(

@@ -10,7 +10,7 @@ import jwt
 import orjson
 import pytest
 
-from engine.claims import Claim
+from engine.claims import Voucher
 from engine.errors import InvalidVoucher
 from engine.times import MS_PER_DAY
 from engine.vouchers import (
@@ -26,20 +26,20 @@ from tests.vouchers.helpers import server_key
 NOW_MS = int(time.time() * 1000)
 
 
-def a_claim(user: str = "u-1", redeem_in_ms: int = MS_PER_DAY) -> Claim:
-    return Claim("claimed", "v0123456789abcdef.d_1", "d_1", user, "m-1", 1,
-                 NOW_MS - 1000, NOW_MS + redeem_in_ms, 9)  # fmt: skip
+def a_voucher(user: str = "u-1", redeem_in_ms: int = MS_PER_DAY) -> Voucher:
+    return Voucher("v0123456789abcdef.d_1", "d_1", user, "m-1", 1,
+                   NOW_MS - 1000, NOW_MS + redeem_in_ms)  # fmt: skip
 
 
 def test_first_key_is_created_private_and_signs(tmp_path: Path) -> None:
     signer = VoucherSigner(tmp_path / "keys")
     (pem,) = (tmp_path / "keys").glob("k*.pem")
     assert pem.stat().st_mode & 0o777 == 0o600
-    token = signer.sign(a_claim())
+    token = signer.sign(a_voucher())
     header = jwt.get_unverified_header(token)
     assert header == {"alg": "ES256", "kid": signer.kid, "typ": "vch+jwt"}
-    claims = signer.verify(token, NOW_MS)
-    assert (claims.voucher_id, claims.user_id, claims.merchant_id) == (
+    verified = signer.verify(token, NOW_MS)
+    assert (verified.voucher_id, verified.user_id, verified.merchant_id) == (
         "v0123456789abcdef.d_1", "u-1", "m-1",
     )  # fmt: skip
     assert b"PRIVATE" not in signer.ring.jwks_body and b'"d"' not in signer.ring.jwks_body
@@ -47,7 +47,7 @@ def test_first_key_is_created_private_and_signs(tmp_path: Path) -> None:
 
 def test_every_forgery_is_refused_and_high_s_is_the_same_voucher(tmp_path: Path) -> None:
     signer = VoucherSigner(tmp_path)
-    good = signer.sign(a_claim())
+    good = signer.sign(a_voucher())
     key = server_key(tmp_path)
     caller = jwt.encode({"sub": "m-1", "role": "merchant", "exp": 2**31}, "s" * 32, "HS256")
     for name, forge in forgeries(good, public_pem(key), key, caller).items():
@@ -66,12 +66,12 @@ def test_every_forgery_is_refused_and_high_s_is_the_same_voucher(tmp_path: Path)
 
 def test_rotation_signs_with_the_new_key_and_old_tokens_still_verify(tmp_path: Path) -> None:
     signer = VoucherSigner(tmp_path)
-    old_kid, old_token = signer.kid, signer.sign(a_claim())
+    old_kid, old_token = signer.kid, signer.sign(a_voucher())
     assert signer.reload() is False  # nothing changed: nothing rebuilt
     new_kid = rotate_key(tmp_path)
     assert new_kid > old_kid and kid_created_ms(new_kid) > kid_created_ms(old_kid)  # type: ignore[operator]
     assert signer.reload() is True and signer.kid == new_kid
-    new_token = signer.sign(a_claim("u-2"))
+    new_token = signer.sign(a_voucher("u-2"))
     assert jwt.get_unverified_header(new_token)["kid"] == new_kid
     assert {k["kid"] for k in orjson.loads(signer.ring.jwks_body)["keys"]} == {
         old_kid, new_kid,
@@ -84,7 +84,7 @@ def test_rotation_signs_with_the_new_key_and_old_tokens_still_verify(tmp_path: P
 
 def test_a_retired_key_is_published_until_its_last_voucher_expires(tmp_path: Path) -> None:
     signer = VoucherSigner(tmp_path)
-    old_kid, old_token = signer.kid, signer.sign(a_claim(redeem_in_ms=MAX_VOUCHER_LIFE_MS))
+    old_kid, old_token = signer.kid, signer.sign(a_voucher(redeem_in_ms=MAX_VOUCHER_LIFE_MS))
     new_kid = rotate_key(tmp_path)
     retired_at = kid_created_ms(new_kid)
     assert retired_at is not None
@@ -103,4 +103,4 @@ def test_unreadable_or_foreign_key_files_do_not_stop_signing(tmp_path: Path) -> 
     (tmp_path / "k29990101T000000.000-ffffff.pem").write_text("not a key")
     os.chmod(tmp_path / "k29990101T000000.000-ffffff.pem", 0o600)
     signer.reload()
-    assert signer.kid == kid and signer.verify(signer.sign(a_claim())).kid == kid
+    assert signer.kid == kid and signer.verify(signer.sign(a_voucher())).kid == kid
