@@ -6,7 +6,6 @@ not a second HMAC and JSON parse.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import re
@@ -17,18 +16,13 @@ from dataclasses import dataclass
 import jwt
 import orjson
 
+from api.validation import valid_id
+from engine import base64url
 from engine.errors import Forbidden, Unauthenticated
 
 ALGORITHM = "HS256"
 ROLES = ("user", "merchant", "admin")
 _B64URL = re.compile(r"[A-Za-z0-9_-]+")
-_ID = re.compile(r"[A-Za-z0-9._~-]{1,64}")  # identifiers are URL-safe (API.md)
-
-
-def _unb64(segment: str) -> bytes:
-    if len(segment) % 4 == 1:
-        raise ValueError("impossible base64url length")
-    return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +38,7 @@ def mint(secret: str, sub: str, role: str, ttl_s: float = 3600.0) -> str:
     """A caller token, as ``flashsale token`` prints it."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}")
-    if not _ID.fullmatch(sub):
+    if not valid_id(sub):
         raise ValueError("sub must be 1..64 URL-safe characters (A-Z a-z 0-9 . _ ~ -)")
     now = int(time.time())
     return jwt.encode(
@@ -92,8 +86,8 @@ class Authenticator:
             raise Unauthenticated("The token is not a compact JWT.")
         head_b64, body_b64, sig_b64 = parts
         try:
-            header = orjson.loads(_unb64(head_b64))
-            signature = _unb64(sig_b64)
+            header = orjson.loads(base64url.decode(head_b64))
+            signature = base64url.decode(sig_b64)
         except (ValueError, orjson.JSONDecodeError):
             raise Unauthenticated("The token is malformed.") from None
         if not isinstance(header, dict) or header.get("alg") != ALGORITHM:
@@ -105,7 +99,7 @@ class Authenticator:
         if not hmac.compare_digest(expected, signature):
             raise Unauthenticated("The token's signature is not valid.")
         try:
-            claims = orjson.loads(_unb64(body_b64))
+            claims = orjson.loads(base64url.decode(body_b64))
         except (ValueError, orjson.JSONDecodeError):
             raise Unauthenticated("The token is malformed.") from None
         if not isinstance(claims, dict):
@@ -121,7 +115,7 @@ class Authenticator:
                                 or nbf > now):  # fmt: skip
             raise Unauthenticated("The token is not valid yet.")
         sub, role = claims.get("sub"), claims.get("role")
-        if not isinstance(sub, str) or not _ID.fullmatch(sub):
+        if not isinstance(sub, str) or not valid_id(sub):
             raise Unauthenticated("The token's sub must be 1..64 URL-safe characters.")
         if role not in ROLES:
             raise Unauthenticated(f"The token's role must be one of {', '.join(ROLES)}.")

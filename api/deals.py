@@ -11,10 +11,11 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from api.app import Services, services
 from api.errors import error_body
 from api.jsonio import json, read_json_object
-from api.validation import LAT_MAX, Fields, valid_id
+from api.validation import Fields, valid_id
 from engine import claims
 from engine.deals import (
     DEFAULT_REDEEM_AFTER_END_MS,
+    LAT_MAX,
     MAX_REDEEM_AFTER_END_MS,
     MAX_WINDOW_MS,
     NewDeal,

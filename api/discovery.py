@@ -13,7 +13,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from api.app import Services, background, services
-from api.validation import LAT_MAX, query_int, query_number
+from api.validation import query_int, query_number
+from engine.deals import LAT_MAX
 from engine.discovery import Discovery, render
 from engine.errors import InvalidRequest, StoreUnavailable
 

@@ -6,8 +6,6 @@ is opaque to clients: base64url of ``<claimed_at_ms>:<voucher id>`` of the last 
 
 from __future__ import annotations
 
-import base64
-import binascii
 from typing import Any
 
 from starlette.requests import Request
@@ -17,6 +15,7 @@ from starlette.routing import Route
 from api.app import services
 from api.jsonio import json
 from api.validation import query_int, valid_id
+from engine import base64url
 from engine.claims import Voucher
 from engine.errors import DatabaseUnavailable, InvalidRequest
 from engine.vouchers import voucher_json
@@ -26,18 +25,14 @@ MAX_LIMIT = 100
 
 
 def encode_cursor(claimed_ms: int, voucher_id: str) -> str:
-    raw = f"{claimed_ms}:{voucher_id}".encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    return base64url.encode(f"{claimed_ms}:{voucher_id}".encode())
 
 
 def decode_cursor(cursor: str) -> tuple[int, str]:
     """``(claimed_at_ms, voucher_id)``; ``ValueError`` if it is not one of ours."""
     if len(cursor) > 200:
         raise ValueError("too long")
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-    except (binascii.Error, UnicodeDecodeError) as exc:
-        raise ValueError("not base64url") from exc
+    raw = base64url.decode(cursor).decode()  # a UnicodeDecodeError is a ValueError
     ms, sep, voucher_id = raw.partition(":")
     if not sep or not ms.isdigit() or len(ms) > 15 or not valid_id(voucher_id):
         raise ValueError("not a cursor")

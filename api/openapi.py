@@ -5,11 +5,12 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
-from api.validation import LAT_MAX
+from api.validation import ID_MAX_CHARS, ID_PATTERN
+from engine.deals import LAT_MAX
 from engine.redemptions import SYNC_CODES
 from engine.vouchers import MAX_TOKEN_CHARS
 
-_ID = {"type": "string", "pattern": "^[A-Za-z0-9._~-]{1,64}$", "maxLength": 64}
+_ID = {"type": "string", "pattern": ID_PATTERN, "maxLength": ID_MAX_CHARS}
 _TIME = {"type": "string", "format": "date-time"}
 _BEARER: list[dict[str, list[str]]] = [{"bearer": []}]
 

@@ -9,11 +9,13 @@ from typing import Any
 from engine.errors import InvalidRequest
 from engine.times import parse_rfc3339
 
-LAT_MAX = 85.05112878  # the band a Redis geo index can hold
 # Times we accept leave room for the derived ones (redeem_until = ends_at + 7 days) to
 # stay printable as RFC 3339 (years up to 9999).
 LAST_MS = 253_399_622_400_000  # 9999-12-01T00:00:00Z
-ID_RE = re.compile(r"^[A-Za-z0-9._~-]{1,64}$")
+# Identifiers (ids of deals, users, merchants, entries, devices) are URL-safe (API.md).
+ID_MAX_CHARS = 64
+ID_PATTERN = rf"^[A-Za-z0-9._~-]{{1,{ID_MAX_CHARS}}}$"
+ID_RE = re.compile(ID_PATTERN)
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # C0 and DEL, but tab and newlines
 
 

@@ -23,6 +23,8 @@ SCHEDULED, ACTIVE, SOLD_OUT, ENDED, CANCELLED = (
 MAX_WINDOW_MS = 30 * MS_PER_DAY  # ends_at - starts_at
 MAX_REDEEM_AFTER_END_MS = 90 * MS_PER_DAY  # redeem_until - ends_at
 DEFAULT_REDEEM_AFTER_END_MS = 7 * MS_PER_DAY
+# A deal's place: the latitude band a Redis geo index can hold (its longitude is any).
+LAT_MAX = 85.05112878
 
 
 def new_deal_id() -> str:

@@ -42,7 +42,16 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from engine.deals import ACTIVE, CANCELLED, ENDED, SCHEDULED, SOLD_OUT, Deal, deal_status
+from engine.deals import (
+    ACTIVE,
+    CANCELLED,
+    ENDED,
+    LAT_MAX,
+    SCHEDULED,
+    SOLD_OUT,
+    Deal,
+    deal_status,
+)
 from engine.errors import StoreUnavailable
 from engine.keys import geo_key, geo_sweep_key
 from engine.store import Store
@@ -57,7 +66,6 @@ REDIS_EARTH_RADIUS_KM = 6372.797560856  # what GEOSEARCH measures with
 # Geo-index coordinates are a 52-bit geohash cell's centre: at most ~0.35 m off the
 # deal's own. Every bound that mixes the two kinds of coordinates allows this much.
 GEO_SLACK_KM = 0.002
-LAT_MAX = 85.05112878  # the band a geo index can hold
 _REDIS_SCALE = REDIS_EARTH_RADIUS_KM / EARTH_RADIUS_KM
 _DIAMETER_KM = 2 * EARTH_RADIUS_KM
 

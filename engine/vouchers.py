@@ -15,7 +15,6 @@ Running processes pick up a rotation by calling :meth:`VoucherSigner.reload` eve
 
 from __future__ import annotations
 
-import base64
 import calendar
 import hashlib
 import itertools
@@ -37,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 )
 from jwt.algorithms import ECAlgorithm
 
+from engine import base64url
 from engine.claims import Voucher, deal_of_voucher, parse_holder
 from engine.deals import MAX_REDEEM_AFTER_END_MS, MAX_WINDOW_MS
 from engine.errors import InvalidVoucher
@@ -60,7 +60,6 @@ RETIRE_SLACK_MS = 3_600_000
 MAX_TOKEN_CHARS = 2048
 
 _KID_RE = re.compile(r"^k(\d{8}T\d{6})(?:\.(\d{3}))?-[0-9a-f]{6,32}$")
-_B64URL_RE = re.compile(r"^[A-Za-z0-9_-]*$")
 _ECDSA = ec.ECDSA(hashes.SHA256())
 _REQUIRED_CLAIMS = ("iss", "aud", "sub", "jti", "deal", "iat", "exp")
 
@@ -102,18 +101,6 @@ def rotate_key(keys_dir: Path) -> str:
     # Atomic: a reloading process sees either no file or the whole key.
     tmp.rename(keys_dir / f"{kid}.pem")
     return kid
-
-
-def b64url(data: bytes) -> str:
-    """Unpadded base64url, as JWS uses it."""
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def b64url_decode(text: str) -> bytes:
-    """Strict unpadded base64url: any other character (padding included) is refused."""
-    if not _B64URL_RE.match(text) or len(text) % 4 == 1:
-        raise ValueError("not base64url")
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,7 +234,7 @@ class VoucherSigner:
         h = self._header_b64.get(kid)
         if h is None:
             header = {"alg": ALGORITHM, "kid": kid, "typ": TOKEN_TYPE}
-            h = b64url(orjson.dumps(header)).encode()
+            h = base64url.encode(orjson.dumps(header)).encode()
             self._header_b64[kid] = h
         return h
 
@@ -263,9 +250,11 @@ class VoucherSigner:
             "iat": voucher.claimed_at_ms // 1000,
             "exp": voucher.redeem_until_ms // 1000,
         }
-        signing_input = self._header(key.kid) + b"." + b64url(orjson.dumps(payload)).encode()
+        signing_input = (
+            self._header(key.kid) + b"." + base64url.encode(orjson.dumps(payload)).encode()
+        )
         r, s = decode_dss_signature(key.private.sign(signing_input, _ECDSA))
-        sig = b64url(r.to_bytes(32, "big") + s.to_bytes(32, "big"))
+        sig = base64url.encode(r.to_bytes(32, "big") + s.to_bytes(32, "big"))
         return signing_input.decode("ascii") + "." + sig
 
     def verify(self, token: str, now_ms: int | None = None) -> VoucherToken:
@@ -294,9 +283,9 @@ def verify_token(ring: KeyRing, token: object, now_ms: int | None = None) -> Vou
     if len(parts) != 3:
         raise _invalid("malformed")
     try:
-        header = orjson.loads(b64url_decode(parts[0]))
-        payload = orjson.loads(b64url_decode(parts[1]))
-        signature = b64url_decode(parts[2])
+        header = orjson.loads(base64url.decode(parts[0]))
+        payload = orjson.loads(base64url.decode(parts[1]))
+        signature = base64url.decode(parts[2])
     except (ValueError, orjson.JSONDecodeError):
         raise _invalid("malformed") from None
     if not isinstance(header, dict) or not isinstance(payload, dict):

@@ -21,8 +21,8 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from engine import claims
-from engine.deals import cancel_deal, create_deal, get_deal
-from engine.discovery import LAT_MAX, Discovery, Nearby, haversine_km, render
+from engine.deals import LAT_MAX, cancel_deal, create_deal, get_deal
+from engine.discovery import Discovery, Nearby, haversine_km, render
 from engine.errors import StoreUnavailable
 from engine.settings import Settings
 from engine.store import Store, make_client
