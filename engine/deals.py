@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import secrets
 from dataclasses import dataclass
 from typing import Any
@@ -27,9 +28,41 @@ DEFAULT_REDEEM_AFTER_END_MS = 7 * MS_PER_DAY
 LAT_MAX = 85.05112878
 
 
+class DealHash:
+    """The deal hash ``fs:{pNN}:deal:<id>``, field by field: the one definition of its layout.
+
+    The Lua scripts name these fields literally (and ``read_deals`` returns ``LIVE`` then
+    ``FIXED``, in these orders); ``tests/engine/test_deals.py`` checks every script here.
+    """
+
+    MERCHANT = "merchant"
+    TITLE = "title"
+    DESC = "desc"
+    LAT = "lat"
+    LNG = "lng"
+    TOTAL = "total"  # inventory
+    STARTS = "starts"  # ms since the epoch, as every time here
+    ENDS = "ends"
+    REDEEM = "redeem"  # redeem_until
+    CREATED = "created"
+    LEFT = "left"  # inventory left; claims decrement it
+    SEQ = "seq"  # vouchers issued; claims increment it
+    CANCELLED = "cancelled"  # absent until the deal is cancelled
+
+    # Written by create_deal and never changed after.
+    FIXED = (MERCHANT, TITLE, DESC, LAT, LNG, TOTAL, STARTS, ENDS, REDEEM)
+    # Changed by claims and cancellation.
+    LIVE = (LEFT, CANCELLED, SEQ)
+    ALL = (*FIXED, CREATED, *LIVE)
+
+
 def new_deal_id() -> str:
     """A fresh, URL-safe deal id (64 random bits)."""
     return "d_" + secrets.token_hex(8)
+
+
+# Deals share their times (on the hour, a campaign's end): 7 us each, worth remembering.
+_rfc3339 = functools.lru_cache(maxsize=8_192)(to_rfc3339)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,21 +101,21 @@ class Deal:
 
     @classmethod
     def from_hash(cls, deal_id: str, h: dict[str, str], now_ms: int) -> Deal:
-        """Build from the deal hash's fields."""
-        cancelled = h.get("cancelled")
+        """Build from the deal hash's fields (:class:`DealHash`)."""
+        cancelled = h.get(DealHash.CANCELLED)
         return cls(
             id=deal_id,
-            merchant_id=h["merchant"],
-            title=h["title"],
-            description=h.get("desc", ""),
-            lat=float(h["lat"]),
-            lng=float(h["lng"]),
-            inventory_total=int(h["total"]),
-            inventory_left=max(int(h["left"]), 0),
-            seq=int(h.get("seq", 0)),
-            starts_at_ms=int(h["starts"]),
-            ends_at_ms=int(h["ends"]),
-            redeem_until_ms=int(h["redeem"]),
+            merchant_id=h[DealHash.MERCHANT],
+            title=h[DealHash.TITLE],
+            description=h.get(DealHash.DESC) or "",
+            lat=float(h[DealHash.LAT]),
+            lng=float(h[DealHash.LNG]),
+            inventory_total=int(h[DealHash.TOTAL]),
+            inventory_left=max(int(h[DealHash.LEFT]), 0),
+            seq=int(h.get(DealHash.SEQ) or 0),
+            starts_at_ms=int(h[DealHash.STARTS]),
+            ends_at_ms=int(h[DealHash.ENDS]),
+            redeem_until_ms=int(h[DealHash.REDEEM]),
             cancelled_at_ms=int(cancelled) if cancelled else None,
             now_ms=now_ms,
         )
@@ -99,7 +132,7 @@ class Deal:
         )
 
     def to_json(self) -> dict[str, Any]:
-        """The API's ``Deal`` object."""
+        """The API's ``Deal`` object (discovery serves it too, cut in fragments: ``render``)."""
         return {
             "id": self.id,
             "merchant_id": self.merchant_id,
@@ -109,9 +142,9 @@ class Deal:
             "lng": self.lng,
             "inventory_total": self.inventory_total,
             "inventory_left": self.inventory_left,
-            "starts_at": to_rfc3339(self.starts_at_ms),
-            "ends_at": to_rfc3339(self.ends_at_ms),
-            "redeem_until": to_rfc3339(self.redeem_until_ms),
+            "starts_at": _rfc3339(self.starts_at_ms),
+            "ends_at": _rfc3339(self.ends_at_ms),
+            "redeem_until": _rfc3339(self.redeem_until_ms),
             "status": self.status,
         }
 

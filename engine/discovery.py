@@ -28,7 +28,6 @@ Terminal deals (ended, cancelled, sold out) seen on the way leave the index at o
 from __future__ import annotations
 
 import asyncio
-import functools
 import heapq
 import logging
 import math
@@ -50,12 +49,13 @@ from engine.deals import (
     SCHEDULED,
     SOLD_OUT,
     Deal,
+    DealHash,
     deal_status,
 )
 from engine.errors import StoreUnavailable
 from engine.keys import geo_key, geo_sweep_key
 from engine.store import Store
-from engine.times import now_ms, to_rfc3339
+from engine.times import now_ms
 
 log = logging.getLogger(__name__)
 
@@ -97,13 +97,18 @@ def haversine_km(lat1: float, lng1: float, lat2: float, lng2: float) -> float:
     return 2 * EARTH_RADIUS_KM * math.asin(min(1.0, math.sqrt(a)))
 
 
-# Deals share their times (on the hour, a campaign's end): 7 us each, worth remembering.
-_rfc3339 = functools.lru_cache(maxsize=8_192)(to_rfc3339)
+# ``read_deals`` returns, per deal, its ``DealHash.LIVE`` fields and then, for a deal this
+# process has not met yet, its ``DealHash.FIXED`` ones.
+_LIVE, _FIXED = len(DealHash.LIVE), len(DealHash.FIXED)
+_LEFT, _CANCELLED, _SEQ = (
+    DealHash.LIVE.index(f) for f in (DealHash.LEFT, DealHash.CANCELLED, DealHash.SEQ)
+)
+_READ_ALL = (*DealHash.LIVE, *DealHash.FIXED)
 
 
 @dataclass(frozen=True, slots=True)
 class _Fixed:
-    """What never changes in a deal after it is created (and its times as API text)."""
+    """What never changes in a deal after it is created (and its JSON, but the live part)."""
 
     id: str
     key: str  # the deal hash
@@ -116,31 +121,22 @@ class _Fixed:
     starts_ms: int
     ends_ms: int
     redeem_ms: int
-    starts_at: str
-    ends_at: str
-    redeem_until: str
-    # The API's Deal object as JSON, cut around its live fields (see ``render``).
+    # ``Deal.to_json`` as bytes, cut around its live fields (see ``render``).
     json_head: bytes  # '{"id":...,"inventory_total":N,'
     json_mid: bytes  # '"starts_at":...,"redeem_until":"...",'
 
     @classmethod
-    def from_fields(cls, deal_id: str, key: str, f: list[Any]) -> _Fixed:
-        """From ``read_deals``'s fixed fields: merchant title desc lat lng total starts
-        ends redeem."""
-        merchant, title, desc = sys.intern(f[0]), f[1], f[2] or ""
-        lat, lng, total = float(f[3]), float(f[4]), int(f[5])
-        starts, ends, redeem = int(f[6]), int(f[7]), int(f[8])
-        starts_at, ends_at, redeem_until = _rfc3339(starts), _rfc3339(ends), _rfc3339(redeem)
-        head = orjson.dumps(
-            {"id": deal_id, "merchant_id": merchant, "title": title, "description": desc,
-             "lat": lat, "lng": lng, "inventory_total": total}
-        )  # fmt: skip
-        mid = orjson.dumps(
-            {"starts_at": starts_at, "ends_at": ends_at, "redeem_until": redeem_until}
-        )
+    def of(cls, deal: Deal, key: str) -> _Fixed:
+        """The fixed part of ``deal``, whose hash is ``key``."""
+        items = list(deal.to_json().items())
+        names = [name for name, _ in items]
+        left, status = names.index("inventory_left"), names.index("status")
+        head = orjson.dumps(dict(items[:left]))[:-1] + b","
+        mid = orjson.dumps(dict(items[left + 1 : status]))[1:-1] + b","
         return cls(
-            deal_id, key, merchant, title, desc, lat, lng, total, starts, ends, redeem,
-            starts_at, ends_at, redeem_until, head[:-1] + b",", mid[1:-1] + b",",
+            deal.id, key, sys.intern(deal.merchant_id), deal.title, deal.description,
+            deal.lat, deal.lng, deal.inventory_total, deal.starts_at_ms, deal.ends_at_ms,
+            deal.redeem_until_ms, head, mid,
         )  # fmt: skip
 
 
@@ -172,23 +168,8 @@ class Nearby(NamedTuple):
         )
 
     def to_json(self) -> dict[str, Any]:
-        """The API's ``Deal`` object plus ``distance_km`` (``Deal.to_json``'s fields)."""
-        f = self.fixed
-        return {
-            "id": f.id,
-            "merchant_id": f.merchant_id,
-            "title": f.title,
-            "description": f.description,
-            "lat": f.lat,
-            "lng": f.lng,
-            "inventory_total": f.total,
-            "inventory_left": max(self.left, 0),
-            "starts_at": f.starts_at,
-            "ends_at": f.ends_at,
-            "redeem_until": f.redeem_until,
-            "status": self.status,
-            "distance_km": self.distance_km,
-        }
+        """The API's ``Deal`` object plus ``distance_km`` (what ``render`` writes)."""
+        return {**self.deal.to_json(), "distance_km": self.distance_km}
 
 
 _STATUS_JSON = {s: orjson.dumps(s) for s in (SCHEDULED, ACTIVE, SOLD_OUT, ENDED, CANCELLED)}
@@ -446,13 +427,14 @@ class Discovery:
         for group, reply in zip(groups, replies, strict=True):
             now, pos = int(reply[0]), 1
             for n in group:
-                left, cancelled, seq = reply[pos], reply[pos + 1], reply[pos + 2]
-                pos += 3
+                live = reply[pos : pos + _LIVE]
+                left, cancelled, seq = live[_LEFT], live[_CANCELLED], live[_SEQ]
                 f = known[n]
                 if f is None:
                     if left is not None:
-                        f = self._learn(ids[n], hkeys[n], reply[pos : pos + 9])
-                    pos += 9
+                        f = self._learn(ids[n], hkeys[n], reply[pos : pos + _LIVE + _FIXED], now)
+                    pos += _FIXED
+                pos += _LIVE
                 if left is not None and f is not None:
                     out[n] = (
                         f,
@@ -463,8 +445,10 @@ class Discovery:
                     )
         return out
 
-    def _learn(self, deal_id: str, key: str, fields: list[Any]) -> _Fixed:
-        known = self._fixed[deal_id] = _Fixed.from_fields(deal_id, key, fields)
+    def _learn(self, deal_id: str, key: str, values: list[Any], now: int) -> _Fixed:
+        """Remember a deal's fixed part, from its ``read_deals`` values (live, then fixed)."""
+        h = {name: v for name, v in zip(_READ_ALL, values, strict=True) if v is not None}
+        known = self._fixed[deal_id] = _Fixed.of(Deal.from_hash(deal_id, h, now), key)
         if len(self._fixed) > self.fixed_entries:
             del self._fixed[next(iter(self._fixed))]
         return known
@@ -620,7 +604,10 @@ class Discovery:
                     pipe = client.pipeline(transaction=False)
                     for deal_id in ids:
                         pipe.hmget(
-                            self.store.keys.for_deal(deal_id).deal, "ends", "left", "cancelled"
+                            self.store.keys.for_deal(deal_id).deal,
+                            DealHash.ENDS,
+                            DealHash.LEFT,
+                            DealHash.CANCELLED,
                         )
                     states = await pipe.execute()
                     cutoff = now_ms() - SWEEP_CLOCK_MARGIN_MS

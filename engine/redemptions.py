@@ -5,6 +5,9 @@ the voucher id (``jti``), never on the token string: an ECDSA signature has more
 valid encoding, so two different strings can carry one voucher. First accepted wins; a
 later redemption by another entry is a conflict, logged for review.
 
+A voucher's first accepted redemption is kept in its deal's redemptions hash as
+:func:`redemption_value` (``at|device|entry|merchant``); :func:`parse_redemption` reads it.
+
 Sync uploads are idempotent per ``(merchant, entry_id)``: a per-merchant hash keeps the
 first result of each entry that named a voucher of this merchant. An entry refused before
 that (no entry id, no valid voucher, another merchant's voucher) leaves nothing behind and
@@ -19,7 +22,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -32,7 +35,9 @@ from engine.errors import (
 from engine.keys import sync_entries_key
 from engine.store import Store
 from engine.times import parse_rfc3339, to_rfc3339
-from engine.vouchers import VoucherSigner, VoucherToken
+
+if TYPE_CHECKING:  # engine.vouchers reads redemption values with parse_redemption
+    from engine.vouchers import VoucherSigner, VoucherToken
 
 MAX_SYNC_ENTRIES = 1000
 # A merchant's entry results are kept this long after its last upload: longer than any
@@ -48,6 +53,21 @@ STATUSES = (ACCEPTED, DUPLICATE, CONFLICT, REJECTED)
 KEPT_REJECTIONS = ("expired", "implausible_time")
 # Every code a rejected entry may carry.
 SYNC_CODES = ("invalid_voucher", "not_your_voucher", "missing_entry_id", *KEPT_REJECTIONS)
+
+
+def redemption_value(redeemed_at_ms: int, device_id: str, entry_id: str, merchant_id: str) -> str:
+    """A redemptions-hash value, as ``redeem_voucher.lua`` writes it: ``at|device|entry|merchant``.
+
+    Device and entry are URL-safe ids without ``|`` (empty online); the merchant goes last
+    because a caller id may hold any character.
+    """
+    return f"{redeemed_at_ms}|{device_id}|{entry_id}|{merchant_id}"
+
+
+def parse_redemption(value: str) -> tuple[int, str, str, str]:
+    """``(redeemed_at_ms, device_id, entry_id, merchant_id)`` from a redemptions-hash value."""
+    at, device_id, entry_id, merchant_id = value.split("|", 3)
+    return int(at), device_id, entry_id, merchant_id
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,8 +38,9 @@ from jwt.algorithms import ECAlgorithm
 
 from engine import base64url
 from engine.claims import Voucher, deal_of_voucher, parse_holder
-from engine.deals import MAX_REDEEM_AFTER_END_MS, MAX_WINDOW_MS
+from engine.deals import MAX_REDEEM_AFTER_END_MS, MAX_WINDOW_MS, DealHash
 from engine.errors import InvalidVoucher
+from engine.redemptions import parse_redemption
 from engine.store import Store
 from engine.times import to_rfc3339
 
@@ -377,7 +378,7 @@ async def read_voucher(store: Store, voucher_id: str) -> HeldVoucher | None:
     async with store.guard():
         pipe = store.client.pipeline(transaction=False)
         pipe.hget(k.vouchers, voucher_id)
-        pipe.hmget(k.deal, "merchant", "redeem")
+        pipe.hmget(k.deal, DealHash.MERCHANT, DealHash.REDEEM)
         pipe.hget(k.redemptions, voucher_id)
         user, (merchant, redeem), redeemed = await pipe.execute()
         if user is None or merchant is None:
@@ -389,4 +390,4 @@ async def read_voucher(store: Store, voucher_id: str) -> HeldVoucher | None:
     if vid != voucher_id:
         return None
     voucher = Voucher(voucher_id, deal_id, user, merchant, seq, claimed_at, int(redeem))
-    return HeldVoucher(voucher, int(redeemed.split("|", 1)[0]) if redeemed else None)
+    return HeldVoucher(voucher, parse_redemption(redeemed)[0] if redeemed else None)

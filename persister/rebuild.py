@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.claims import holder_value
+from engine.deals import DealHash
+from engine.redemptions import redemption_value
 from engine.store import Store
 from persister import queries, scan
 from persister.db import Database
@@ -90,7 +92,7 @@ async def _write_chunk(
         if force:
             pipe = store.client.pipeline(transaction=False)
             for d in complete:
-                pipe.hget(store.keys.for_deal(d["id"]).deal, "seq")
+                pipe.hget(store.keys.for_deal(d["id"]).deal, DealHash.SEQ)
             existing_seq = await pipe.execute()
         pipe = store.client.pipeline(transaction=False)
         for d in complete:
@@ -109,8 +111,9 @@ async def _write_chunk(
                 pipe.hset(
                     k.redemptions,
                     mapping={
-                        r["voucher_id"]: f"{r['redeemed']}|{r['device_id']}|{r['entry_id']}|"
-                        f"{r['merchant_id']}"
+                        r["voucher_id"]: redemption_value(
+                            r["redeemed"], r["device_id"], r["entry_id"], r["merchant_id"]
+                        )
                         for r in firsts
                     },
                 )
@@ -124,21 +127,21 @@ async def _write_chunk(
             left = total - int(issued)
             seq = max([int(seq_before or 0), *(int(v["seq"]) for v in held)], default=0)
             fields = {
-                "merchant": d["merchant_id"],
-                "title": d["title"],
-                "desc": d["description"] or "",
-                "lat": repr(float(d["lat"])),
-                "lng": repr(float(d["lng"])),
-                "total": total,
-                "left": left,
-                "seq": seq,
-                "starts": d["starts"],
-                "ends": d["ends"],
-                "redeem": d["redeem"],
-                "created": d["created"],
+                DealHash.MERCHANT: d["merchant_id"],
+                DealHash.TITLE: d["title"],
+                DealHash.DESC: d["description"] or "",
+                DealHash.LAT: repr(float(d["lat"])),
+                DealHash.LNG: repr(float(d["lng"])),
+                DealHash.TOTAL: total,
+                DealHash.LEFT: left,
+                DealHash.SEQ: seq,
+                DealHash.STARTS: d["starts"],
+                DealHash.ENDS: d["ends"],
+                DealHash.REDEEM: d["redeem"],
+                DealHash.CREATED: d["created"],
             }
             if d["cancelled"] is not None:
-                fields["cancelled"] = d["cancelled"]
+                fields[DealHash.CANCELLED] = d["cancelled"]
             pipe.hset(k.deal, mapping=fields)
             claimable = d["cancelled"] is None and d["ends"] > now_ms and left > 0
             if claimable:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.claims import parse_holder
+from engine.deals import DealHash
 from engine.store import Store
 from engine.streams import stream_lag, unacknowledged
 from persister import queries, scan
@@ -146,18 +147,17 @@ async def _compare_chunk(
                 add(Difference("deal_incomplete_in_postgres", deal_id, detail="only cancelled"))
         else:
             for name, redis_value, pg_value in (
-                ("merchant", h.get("merchant"), pg["merchant_id"]),
-                ("total", int(h.get("total", -1)), pg["inventory_total"]),
+                ("merchant", h.get(DealHash.MERCHANT), pg["merchant_id"]),
+                ("total", int(h.get(DealHash.TOTAL, -1)), pg["inventory_total"]),
             ):
                 if redis_value != pg_value:
                     add(Difference("deal_field_differs", deal_id, detail=f"{name}: "
                                    f"redis={redis_value!r} postgres={pg_value!r}"))  # fmt: skip
-            if bool(h.get("cancelled")) != (pg["cancelled"] is not None) and (
-                deal_id not in flying.deals
-            ):
+            cancelled = h.get(DealHash.CANCELLED)
+            if bool(cancelled) != (pg["cancelled"] is not None) and deal_id not in flying.deals:
                 add(Difference("deal_cancel_differs", deal_id, detail=f"redis cancelled="
-                               f"{h.get('cancelled')} postgres={pg['cancelled']}"))  # fmt: skip
-        issued = int(h.get("total", 0)) - int(h.get("left", 0))
+                               f"{cancelled} postgres={pg['cancelled']}"))  # fmt: skip
+        issued = int(h.get(DealHash.TOTAL, 0)) - int(h.get(DealHash.LEFT, 0))
         if issued != len(claimers):
             add(Difference("inventory_differs", deal_id, detail=f"redis issued={issued} "
                            f"claimers={len(claimers)}"))  # fmt: skip
@@ -177,7 +177,7 @@ async def _compare_chunk(
                 add(Difference("voucher_missing_in_redis", deal_id, vid,
                                f"seq={row['seq']} user={row['user_id']}"))  # fmt: skip
         seqs = {row["seq"] for row in in_pg.values()} | {s for _, s, _ in claimers.values()}
-        top = max([int(h.get("seq", 0)), *seqs], default=0)
+        top = max([int(h.get(DealHash.SEQ, 0)), *seqs], default=0)
         gaps = sorted(set(range(1, top + 1)) - seqs)
         if gaps:
             add(Difference("seq_gap", deal_id, detail=f"missing seq {gaps[:20]}"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from importlib import resources
+
 from engine.deals import NewDeal
 from engine.times import MS_PER_DAY, now_ms
 
@@ -32,3 +34,8 @@ def new_deal(
         ends_at_ms=ends,
         redeem_until_ms=ends + 7 * MS_PER_DAY,
     )
+
+
+def lua_source(script: str) -> str:
+    """The text of ``lua/<script>.lua``, as the store loads it."""
+    return (resources.files("lua") / f"{script}.lua").read_text()

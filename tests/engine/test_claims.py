@@ -163,3 +163,25 @@ async def test_stream_cap_refuses_new_claims_but_not_retries(settings: Settings)
         assert (await get_deal(store, deal.id)).inventory_left == 8
     finally:
         await store.close()
+
+
+async def test_the_claimers_value_is_what_claim_voucher_lua_writes_and_reads(
+    store: Store,
+) -> None:
+    """holder_value / parse_holder pair with the script: it writes one, and reads one back."""
+    deal = await create_deal(store, new_deal(10))
+    k = store.keys.for_deal(deal.id)
+    won = (await claims.claim(store, deal.id, "u-1")).voucher
+    written = await store.client.hget(k.claimers, "u-1")
+    assert written == claims.holder_value(won.voucher_id, won.seq, won.claimed_at_ms)
+    assert claims.parse_holder(written) == (won.voucher_id, won.seq, won.claimed_at_ms)
+    # As rebuild-redis restores a holder: the script answers that voucher, issues nothing.
+    restored = claims.new_voucher_id(deal.id)
+    await store.client.hset(k.claimers, "u-2", claims.holder_value(restored, 7, 1_234_567))
+    again = await claims.claim(store, deal.id, "u-2")
+    assert not again.is_new
+    assert (again.voucher.voucher_id, again.voucher.seq, again.voucher.claimed_at_ms) == (
+        restored,
+        7,
+        1_234_567,
+    )

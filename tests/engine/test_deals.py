@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import re
+from importlib import resources
+
 import pytest
 
 from engine import claims
-from engine.deals import cancel_deal, create_deal, deal_status, get_deal
+from engine.deals import DealHash, cancel_deal, create_deal, deal_status, get_deal
 from engine.errors import DealNotFound, Forbidden
 from engine.store import Store
 from engine.times import to_rfc3339
-from tests.helpers import new_deal
+from tests.helpers import lua_source, new_deal
 
 
 async def test_created_deal_reads_back_with_every_field(store: Store) -> None:
@@ -97,3 +100,40 @@ async def test_cancelled_deal_leaves_the_geo_index(store: Store) -> None:
 def test_status_rule(now: int, left: int, cancelled: bool, expected: str) -> None:
     """cancelled > ended > scheduled > sold_out > active; starts inclusive, ends exclusive."""
     assert deal_status(now, 50, 200, left, cancelled) == expected
+
+
+# A hash command in a script: redis.call('HSET', KEYS[1], 'left', ...).
+_HASH_CALL = re.compile(r"redis\.call\('(H[A-Z]+)',\s*(KEYS\[\d+\]|key)\s*,([^)]*)\)")
+
+
+def _deal_hash_calls(script: str) -> list[tuple[str, list[str]]]:
+    """``(command, field names)`` of each hash command a script runs on its deal hash.
+
+    The deal hash is the key its header names ``deal hash`` (``read_deals`` loops over
+    ``KEYS[i]`` as ``key``); field names are the quoted literals among the arguments.
+    """
+    source = lua_source(script)
+    named = re.findall(r"^-- (KEYS\[(?:\d+|i)\])\s+deal hash\b", source, re.MULTILINE)
+    deal_keys = {"key" if k == "KEYS[i]" else k for k in named}
+    return [
+        (command, re.findall(r"'([^']*)'", args))
+        for command, key, args in _HASH_CALL.findall(source)
+        if key in deal_keys
+    ]
+
+
+def test_every_lua_script_names_the_deal_hash_fields_of_deal_hash() -> None:
+    """The Lua scripts use DealHash's field names, and read_deals returns them in its order."""
+    scripts = sorted(
+        p.name[:-4] for p in resources.files("lua").iterdir() if p.name.endswith(".lua")
+    )
+    calls = {s: _deal_hash_calls(s) for s in scripts}
+    touching = {s for s, c in calls.items() if c}
+    assert touching >= {"create_deal", "read_deals", "claim_voucher", "cancel_deal"}
+    for script, script_calls in calls.items():
+        for command, fields in script_calls:
+            assert set(fields) <= set(DealHash.ALL), (script, command, fields)
+    (create,) = [f for c, f in calls["create_deal"] if c == "HSET"]
+    assert sorted(create) == sorted(set(DealHash.ALL) - {DealHash.CANCELLED})
+    reads = [f for c, f in calls["read_deals"] if c == "HMGET"]
+    assert reads == [[*DealHash.LIVE, *DealHash.FIXED], list(DealHash.LIVE)]

@@ -77,7 +77,8 @@ async def test_reconcile_reports_each_kind_of_difference(
 async def test_rebuild_redis_restores_inventory_winners_and_no_sold_stock(
     psettings: Settings, pstore: Store, pg: asyncpg.Connection, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Redis flushed, rebuilt from PostgreSQL: same stock, same vouchers, nothing resold."""
+    """Redis flushed, rebuilt from PostgreSQL: the same deal hashes (field for field, as
+    create_deal.lua and the claims left them), same vouchers, nothing resold."""
     deal = await create_deal(pstore, new_deal(5))
     gone = await create_deal(pstore, new_deal(3))
     won = {u: (await claims.claim(pstore, deal.id, u)).voucher for u in ("a", "b", "c")}
@@ -89,9 +90,12 @@ async def test_rebuild_redis_restores_inventory_winners_and_no_sold_stock(
     args = argparse.Namespace(command="rebuild-redis", force=False)
     assert await cli.rebuild_redis(psettings, args) == 2  # Redis is not empty
     assert "use --force" in capsys.readouterr().err
+    hashes = [await pstore.client.hgetall(pstore.keys.for_deal(d.id).deal) for d in (deal, gone)]
     await pstore.client.flushall()
     assert await cli.rebuild_redis(psettings, args) == 0
     assert "restored 2 deal(s), 6 voucher(s)" in capsys.readouterr().out
+    for d, before in zip((deal, gone), hashes, strict=True):
+        assert await pstore.client.hgetall(pstore.keys.for_deal(d.id).deal) == before
     again = await get_deal(pstore, deal.id)
     assert (again.inventory_left, again.seq, again.status) == (2, 3, "active")
     assert (await get_deal(pstore, gone.id)).status == "cancelled"

@@ -70,3 +70,30 @@ async def test_redemption_is_refused_when_the_stream_is_full(store: Store) -> No
     with pytest.raises(BacklogFull):
         await redemptions.redeem(full, signer, token, "m-1")
     assert await store.client.hget(k.redemptions, vid) is None  # nothing half-done
+
+
+async def test_the_redemption_value_is_what_redeem_voucher_lua_writes_and_reads(
+    store: Store,
+) -> None:
+    """redemption_value / parse_redemption pair with the script, both ways."""
+    signer = VoucherSigner(store.settings.signing_keys_dir)
+    token, vid = await _voucher(store, signer)
+    at = now_ms()  # not before the claim
+    entry = {"entry_id": "e-1", "token": token, "redeemed_at": to_rfc3339(at)}
+    (result,) = await redemptions.sync(store, signer, "m-1", "till-1", [entry], lambda s: True)
+    assert result["status"] == "accepted"
+    k = store.keys.for_deal(vid.split(".", 1)[1])
+    written = await store.client.hget(k.redemptions, vid)
+    assert written == redemptions.redemption_value(at, "till-1", "e-1", "m-1")
+    assert redemptions.parse_redemption(written) == (at, "till-1", "e-1", "m-1")
+    # As rebuild-redis restores a first redemption: the script reads its time and entry.
+    token, vid = await _voucher(store, signer, "u-2")
+    at = now_ms()
+    k = store.keys.for_deal(vid.split(".", 1)[1])
+    first = redemptions.redemption_value(at, "till-9", "e-9", "m-1")
+    await store.client.hset(k.redemptions, vid, first)
+    same = {"entry_id": "e-9", "token": token, "redeemed_at": to_rfc3339(at)}
+    other = {"entry_id": "e-10", "token": token, "redeemed_at": to_rfc3339(at + 500)}
+    results = await redemptions.sync(store, signer, "m-1", "till-9", [same, other], lambda s: True)
+    assert [r["status"] for r in results] == ["accepted", "conflict"]
+    assert {r["first_redeemed_at"] for r in results} == {to_rfc3339(at)}
