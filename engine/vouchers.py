@@ -59,6 +59,8 @@ MAX_VOUCHER_LIFE_MS = MAX_WINDOW_MS + MAX_REDEEM_AFTER_END_MS
 RETIRE_SLACK_MS = 3_600_000
 # Served tokens are small; anything longer is not one of ours (and is refused unparsed).
 MAX_TOKEN_CHARS = 2048
+MAX_ID_CHARS = 128  # aud, sub, jti, deal
+MAX_TIME_S = 253_402_300_799  # iat, exp: 9999-12-31T23:59:59Z, the last RFC 3339 second
 
 _KID_RE = re.compile(r"^k(\d{8}T\d{6})(?:\.(\d{3}))?-[0-9a-f]{6,32}$")
 _ECDSA = ec.ECDSA(hashes.SHA256())
@@ -265,6 +267,9 @@ class VoucherSigner:
         signature, ``iss``, and well-formed claims; checks ``exp`` only if ``now_ms`` is
         given (redemption judges it by Redis's clock instead). The audience is the
         caller's business: see :func:`engine.redemptions`. Raises ``InvalidVoucher``.
+
+        The till's ``verifier.verify.verify`` (pyjwt) makes the same checks, and
+        ``tests/verifier/test_verify.py`` proves both give the same verdict on every forgery.
         """
         return verify_token(self.ring, token, now_ms)
 
@@ -323,10 +328,12 @@ def _claims(payload: dict[str, Any], kid: str, now_ms: int | None) -> VoucherTok
     if payload["iss"] != ISSUER:
         raise _invalid("wrong issuer")
     strings = [payload[c] for c in ("aud", "sub", "jti", "deal")]
-    if not all(isinstance(v, str) and 0 < len(v) <= 128 for v in strings):
+    if not all(isinstance(v, str) and 0 < len(v) <= MAX_ID_CHARS for v in strings):
         raise _invalid("malformed claims")
     times = [payload["iat"], payload["exp"]]
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in times):
+    if not all(
+        isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_TIME_S for v in times
+    ):
         raise _invalid("malformed claims")
     if deal_of_voucher(payload["jti"]) != payload["deal"]:
         raise _invalid("malformed claims")

@@ -33,9 +33,19 @@ def parts(token: str) -> tuple[dict[str, Any], dict[str, Any], bytes]:
 
 def es256(header: dict[str, Any], payload: dict[str, Any], key: ec.EllipticCurvePrivateKey) -> str:
     """Sign any header and payload with ES256 (raw r||s), as an attacker with a key would."""
-    si = b64(json.dumps(header).encode()) + "." + b64(json.dumps(payload).encode())
-    r, s = decode_dss_signature(key.sign(si.encode(), ec.ECDSA(hashes.SHA256())))
-    return si + "." + b64(r.to_bytes(32, "big") + s.to_bytes(32, "big"))
+    return es256_raw(json.dumps(header).encode(), json.dumps(payload).encode(), key)
+
+
+def es256_raw(
+    header: bytes, payload: bytes, key: ec.EllipticCurvePrivateKey, *, der: bool = False
+) -> str:
+    """Sign any bytes as header and payload (raw r||s, or DER as X.509 tools write it)."""
+    si = b64(header) + "." + b64(payload)
+    signature = key.sign(si.encode(), ec.ECDSA(hashes.SHA256()))
+    if not der:
+        r, s = decode_dss_signature(signature)
+        signature = r.to_bytes(32, "big") + s.to_bytes(32, "big")
+    return si + "." + b64(signature)
 
 
 def high_s(token: str) -> str:
@@ -80,6 +90,22 @@ def forgeries(
     def wrong_typ() -> str:
         return es256({**header, "typ": "JWT"}, payload, server_key)
 
+    def signed(claims: dict[str, Any]) -> Callable[[], str]:
+        """Claims the server never issues, validly signed with its own key."""
+        return lambda: es256(header, claims, server_key)
+
+    def signed_raw(head: bytes, body: bytes, *, der: bool = False) -> Callable[[], str]:
+        return lambda: es256_raw(head, body, server_key, der=der)
+
+    raw_header, raw_payload = json.dumps(header).encode(), json.dumps(payload).encode()
+    without_iat = {k: v for k, v in payload.items() if k != "iat"}
+
+    def non_canonical_signature() -> str:
+        # 64 bytes take 86 characters: the last one carries 2 bits and 4 unused ones.
+        alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+        last = alphabet.index(s[-1])
+        return f"{h}.{p}.{s[:-1]}{alphabet[last ^ 1]}"
+
     return {
         "alg none": alg_none,
         "HS256 with the public key": hs256_public_key,
@@ -95,6 +121,40 @@ def forgeries(
         "caller token (HS256)": lambda: caller_token,
         "two segments": lambda: f"{h}.{p}",
         "garbage": lambda: "not-a-token-at-all",
+        "empty signature": lambda: f"{h}.{p}.",
+        "newline inside": lambda: f"{h}\n.{p}.{s}",
+        "non-canonical signature": non_canonical_signature,
+        "DER signature (server key)": signed_raw(raw_header, raw_payload, der=True),
+        "crit header (server key)": lambda: es256({**header, "crit": ["exp"]}, payload, server_key),
+        "kid not a string (server key)": lambda: es256({**header, "kid": 7}, payload, server_key),
+        "header in UTF-16 (server key)": signed_raw(
+            json.dumps(header).encode("utf-16"), raw_payload
+        ),
+        "missing iat (server key)": signed(without_iat),
+        "iat null (server key)": signed({**payload, "iat": None}),
+        "wrong iss (server key)": signed({**payload, "iss": "someone"}),
+        "jti names another deal (server key)": signed({**payload, "deal": "d_other"}),
+        "aud of 129 characters (server key)": signed({**payload, "aud": "m" * 129}),
+        "empty sub (server key)": signed({**payload, "sub": ""}),
+        "negative iat (server key)": signed({**payload, "iat": -1}),
+        "exp a float (server key)": signed({**payload, "exp": float(payload["exp"])}),
+        "exp a string (server key)": signed({**payload, "exp": str(payload["exp"])}),
+        "exp past year 9999 (server key)": signed({**payload, "exp": 253_402_300_800}),
+        "exp 2**63 (server key)": signed({**payload, "exp": 2**63}),
+        "exp 2**64 (server key)": signed({**payload, "exp": 2**64}),
+        "payload an array (server key)": signed_raw(raw_header, b"[1]"),
+        "payload in UTF-16 (server key)": signed_raw(
+            raw_header, raw_payload.decode().encode("utf-16")
+        ),
+        "payload with a BOM (server key)": signed_raw(raw_header, b"\xef\xbb\xbf" + raw_payload),
+        "NaN claim (server key)": signed_raw(raw_header, raw_payload[:-1] + b', "x": NaN}'),
+        "1e400 claim (server key)": signed_raw(raw_header, raw_payload[:-1] + b', "x": 1e400}'),
+        "400-digit claim (server key)": signed_raw(
+            raw_header, raw_payload[:-1] + b', "x": ' + b"9" * 400 + b"}"
+        ),
+        "lone surrogate claim (server key)": signed_raw(
+            raw_header, raw_payload[:-1] + b', "x": "\\ud800"}'
+        ),
     }
 
 
