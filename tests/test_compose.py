@@ -179,7 +179,7 @@ def test_nginx_accepts_the_load_balancer_config(tmp_path: Path) -> None:
         (p for p in ("/usr/sbin/nginx", "/sbin/nginx") if Path(p).exists()), None
     )
     if nginx is None:
-        pytest.skip("nginx is not installed (Debian: apt-get install nginx-light)")
+        pytest.skip("needs nginx: apt-get install nginx-light (.ci/run installs it)")
     conf = (ROOT / "deploy" / "nginx.conf").read_text()
     # `api` is a compose service name; outside compose it would not resolve.
     conf = conf.replace("server api:", "server 127.0.0.1:")

@@ -40,11 +40,15 @@ def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 60
 
 
 def _children(pid: int) -> set[int]:
-    out = subprocess.run(["ps", "-e", "-o", "pid=,ppid="], capture_output=True, text=True)
+    """Every descendant of ``pid``, from /proc (``ps`` is not on every fresh machine)."""
     tree: dict[int, list[int]] = {}
-    for line in out.stdout.splitlines():
-        child, parent = (int(x) for x in line.split())
-        tree.setdefault(parent, []).append(child)
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            # After the command's closing parenthesis: state, then the parent's pid.
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            tree.setdefault(parent, []).append(int(entry.name))
     found, todo = set(), [pid]
     while todo:
         for c in tree.get(todo.pop(), []):
