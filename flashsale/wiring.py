@@ -2,47 +2,37 @@
 
 ``flashsale up`` writes the URLs of the servers it started into ``DATA_DIR/servers.json``
 so that other commands (``reconcile``, ``token``, ``serve``...) run in another terminal
-find them without any variable set.
+find them without any variable set; the URLs carry the servers' generated passwords.
 """
 
 from __future__ import annotations
 
 import os
-import secrets
-from pathlib import Path
 
 import orjson
 
 from engine.settings import Settings
+from flashsale.private import secret_file, write_private
 
 SERVERS_FILE = "servers.json"
 SECRET_FILE = "auth_secret"
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    tmp.replace(path)
 
 
 def auth_secret(settings: Settings) -> str:
     """``FLASHSALE_AUTH_SECRET``, or one generated once into the data dir (mode 0600)."""
     if settings.auth_secret:
         return settings.auth_secret
-    path = settings.data_dir / SECRET_FILE
-    if not path.exists():
-        _write_private(path, secrets.token_urlsafe(48).encode())
-    return path.read_text().strip()
+    return secret_file(settings.data_dir / SECRET_FILE, nbytes=48)
 
 
 def write_servers(settings: Settings) -> None:
-    """Record the URLs in use, for commands run from another terminal."""
+    """Record the URLs in use, for commands run from another terminal.
+
+    The URLs carry the embedded servers' passwords: the file is 0600 in a 0700 data dir.
+    """
     data = {"redis_url": settings.redis_url, "database_url": settings.database_url,
             "pid": os.getpid()}  # fmt: skip
-    _write_private(settings.data_dir / SERVERS_FILE, orjson.dumps(data))
+    write_private(settings.data_dir / SERVERS_FILE, orjson.dumps(data))
 
 
 def clear_servers(settings: Settings) -> None:
