@@ -30,4 +30,7 @@ bench: $(STAMP)
 	$(BIN)/python -m loadtest.bench
 
 clean:
+	@# As root, PostgreSQL's cluster lives under /var/lib/flashsale-pg, linked from here.
+	t=$$(readlink .flashsale/postgres/pgdata || true); \
+	case "$$t" in /var/lib/flashsale-pg/clusters/*) rm -rf "$$t";; esac
 	rm -rf $(VENV) .flashsale

@@ -16,6 +16,7 @@ import uvicorn
 from engine.settings import Settings
 from flashsale import wiring
 from flashsale.embedded import EmbeddedPostgres, EmbeddedRedis, die_with_parent
+from flashsale.private import private_dir
 from flashsale.serve import export_env
 
 
@@ -23,12 +24,12 @@ def _start_servers(settings: Settings, started: list[Any]) -> Settings:
     if not settings.redis_url:
         redis = EmbeddedRedis(settings.data_dir / "redis").start()
         started.append(redis)
-        print(f"embedded Redis (valkey) on {redis.url}, data in {redis.data_dir}")
+        print(f"embedded Redis (valkey) on 127.0.0.1:{redis.port}, data in {redis.data_dir}")
         settings = settings.with_(redis_url=redis.url)
     if not settings.database_url:
         pg = EmbeddedPostgres(settings.data_dir / "postgres").start()
         started.append(pg)
-        print(f"embedded PostgreSQL on {pg.url}, data in {pg.data_dir}")
+        print(f"embedded PostgreSQL on 127.0.0.1:{pg.port}, data in {pg.data_dir}")
         settings = settings.with_(database_url=pg.url)
     return settings
 
@@ -84,7 +85,8 @@ class PersisterSupervisor:
 def up(args: argparse.Namespace) -> int:
     """Start embedded servers (unless URLs are set), migrate, run persister and API."""
     settings = Settings.from_env()
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    # Passwords, keys and server data live here: for our user alone.
+    private_dir(settings.data_dir)
     started: list[Any] = []
     persister: PersisterSupervisor | None = None
     try:

@@ -607,7 +607,7 @@ def main(argv: list[str] | None = None) -> int:
             redis_url = redis.url
         if not database_url:
             pg = EmbeddedPostgres(tmp / "pg").start()  # durable: fsync on
-            stack.callback(pg.stop)
+            stack.callback(pg.remove_data)
             database_url = pg.url
         settings = Settings(redis_url=redis_url, database_url=database_url, auth_secret=SECRET,
                             data_dir=tmp / "data")  # fmt: skip

@@ -342,7 +342,7 @@ async def bench(rows: int, batch: int, processes: int, lag_rate: int, lag_s: flo
             await store.close()
         finally:
             redis.stop()
-            pg.stop()
+            pg.remove_data()
     print(f"\n{rows} claim rows, {PARTITIONS} partitions, read batch {batch}/stream, "
           f"durable PostgreSQL (fsync on), load average {os.getloadavg()[0]:.1f}\n")  # fmt: skip
     print("| path | rows/s |")

@@ -2,7 +2,8 @@
 
 ``FLASHSALE_TEST_REDIS_URL`` / ``FLASHSALE_TEST_DATABASE_URL`` point the suite at running
 servers instead (e.g. the machine's Redis 7.0 for a compatibility pass). Tests that stop
-or restart a server always start their own.
+or restart a server always start their own. Embedded servers require the password
+generated into their data dir; their URLs carry it.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     try:
         yield server.url
     finally:
-        server.stop()
+        server.remove_data()
 
 
 @pytest.fixture(scope="session")

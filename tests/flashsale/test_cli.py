@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import jwt
 import pytest
 
-from flashsale.embedded import free_port
+from flashsale.embedded import EmbeddedPostgres, free_port
 
 FLASHSALE = [sys.executable, "-m", "flashsale"]
 
@@ -131,6 +133,7 @@ def test_serve_answers_and_stops_on_sigterm(tmp_path: Path, redis_url: str) -> N
 def test_up_starts_everything_answers_and_ctrl_c_stops_all(tmp_path: Path) -> None:
     """`flashsale up --demo` with nothing set: embedded servers, API, persister; Ctrl-C."""
     port = free_port()
+    tmp_path.chmod(0o700)  # the data dir's parent, as closed as /root
     proc = subprocess.Popen(
         [*FLASHSALE, "up", "--demo", "--port", str(port)],
         env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -148,6 +151,7 @@ def test_up_starts_everything_answers_and_ctrl_c_stops_all(tmp_path: Path) -> No
         while time.monotonic() < deadline and _persister(proc.pid) in (None, first):
             time.sleep(0.3)
         assert _persister(proc.pid) not in (None, first)
+        _another_terminal_finds_the_servers_with_their_passwords(tmp_path)
         children = _children(proc.pid)
         assert len(children) >= 3  # Valkey, PostgreSQL (and its workers), the persister
         proc.send_signal(signal.SIGINT)
@@ -159,11 +163,34 @@ def test_up_starts_everything_answers_and_ctrl_c_stops_all(tmp_path: Path) -> No
             time.sleep(0.2)
         assert not [c for c in children if _alive(c)], "a child outlived `flashsale up`"
         assert not (tmp_path / "data" / "servers.json").exists()
+        assert _mode(tmp_path) == 0o700, "starting the servers changed the parent's mode"
     finally:
         if proc.poll() is None:
             proc.kill()
         if proc.stdout:
             proc.stdout.close()
+        EmbeddedPostgres(tmp_path / "data" / "postgres").remove_data()
+
+
+def _mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+def _another_terminal_finds_the_servers_with_their_passwords(tmp_path: Path) -> None:
+    """servers.json (0600, in a 0700 dir) holds URLs with the generated passwords."""
+    data = tmp_path / "data"
+    servers = json.loads((data / "servers.json").read_text())
+    assert _mode(data) == 0o700 and _mode(data / "servers.json") == 0o600
+    for name, key in (("redis", "redis_url"), ("postgres", "database_url")):
+        assert _mode(data / name) == 0o700 and _mode(data / name / "password") == 0o600
+        password = (data / name / "password").read_text().strip()
+        assert len(password) >= 32 and urlsplit(servers[key]).password == password
+    # No URL in the environment: `reconcile` connects to both through servers.json.
+    done = subprocess.run(
+        [*FLASHSALE, "reconcile"], capture_output=True, text=True, env=_env(tmp_path), timeout=60
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "0 difference(s)" in done.stdout
 
 
 def test_serve_with_two_workers_sums_their_metrics(tmp_path: Path, redis_url: str) -> None:

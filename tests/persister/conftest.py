@@ -106,7 +106,7 @@ def own_postgres(tmp_path: Path) -> Iterator[EmbeddedPostgres]:
     try:
         yield server
     finally:
-        server.stop()
+        server.remove_data()
 
 
 @asynccontextmanager
