@@ -131,7 +131,11 @@ def test_serve_answers_and_stops_on_sigterm(tmp_path: Path, redis_url: str) -> N
 
 @pytest.mark.timeout(180)
 def test_up_starts_everything_answers_and_ctrl_c_stops_all(tmp_path: Path) -> None:
-    """`flashsale up --demo` with nothing set: embedded servers, API, persister; Ctrl-C."""
+    """`flashsale up --demo` with nothing set: embedded servers, API, persister; Ctrl-C.
+
+    Another terminal finds the servers, behind their passwords, through servers.json; the
+    output never shows a password; the data dir's parent keeps its mode.
+    """
     port = free_port()
     tmp_path.chmod(0o700)  # the data dir's parent, as closed as /root
     proc = subprocess.Popen(
@@ -151,13 +155,14 @@ def test_up_starts_everything_answers_and_ctrl_c_stops_all(tmp_path: Path) -> No
         while time.monotonic() < deadline and _persister(proc.pid) in (None, first):
             time.sleep(0.3)
         assert _persister(proc.pid) not in (None, first)
-        _another_terminal_finds_the_servers_with_their_passwords(tmp_path)
+        passwords = _another_terminal_finds_the_servers_with_their_passwords(tmp_path)
         children = _children(proc.pid)
         assert len(children) >= 3  # Valkey, PostgreSQL (and its workers), the persister
         proc.send_signal(signal.SIGINT)
         assert proc.wait(30) in (0, 130)  # 130: the shell's code for Ctrl-C
         output = proc.stdout.read().decode() if proc.stdout else ""
         assert "USER_TOKEN" in output and "flashsale up: stopped" in output
+        assert not [p for p in passwords if p in output]
         deadline = time.monotonic() + 10
         while any(_alive(c) for c in children) and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -176,21 +181,24 @@ def _mode(path: Path) -> int:
     return path.stat().st_mode & 0o777
 
 
-def _another_terminal_finds_the_servers_with_their_passwords(tmp_path: Path) -> None:
+def _another_terminal_finds_the_servers_with_their_passwords(tmp_path: Path) -> list[str]:
     """servers.json (0600, in a 0700 dir) holds URLs with the generated passwords."""
     data = tmp_path / "data"
+    passwords = []
     servers = json.loads((data / "servers.json").read_text())
     assert _mode(data) == 0o700 and _mode(data / "servers.json") == 0o600
     for name, key in (("redis", "redis_url"), ("postgres", "database_url")):
         assert _mode(data / name) == 0o700 and _mode(data / name / "password") == 0o600
         password = (data / name / "password").read_text().strip()
         assert len(password) >= 32 and urlsplit(servers[key]).password == password
+        passwords.append(password)
     # No URL in the environment: `reconcile` connects to both through servers.json.
     done = subprocess.run(
         [*FLASHSALE, "reconcile"], capture_output=True, text=True, env=_env(tmp_path), timeout=60
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "0 difference(s)" in done.stdout
+    return passwords
 
 
 def test_serve_with_two_workers_sums_their_metrics(tmp_path: Path, redis_url: str) -> None:
