@@ -28,6 +28,7 @@ Terminal deals (ended, cancelled, sold out) seen on the way leave the index at o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import logging
 import math
@@ -568,11 +569,8 @@ class Discovery:
         task.add_done_callback(self._tasks.discard)
 
     async def _zrem(self, deal_id: str) -> None:
-        try:
-            async with self.store.guard():
-                await self.store.client.zrem(self.store.keys.for_deal(deal_id).geo, deal_id)
-        except StoreUnavailable:
-            pass  # the sweep will get it
+        with contextlib.suppress(StoreUnavailable):  # the sweep will get it
+            await self.store.zrem(self.store.keys.for_deal(deal_id).geo, deal_id)
 
     async def sweep(self, *, lease_ms: int = 0) -> int:
         """Remove ended, cancelled, sold-out and vanished deals from every geo index.
@@ -590,40 +588,38 @@ class Discovery:
         return removed
 
     async def _sweep_partition(self, partition: int, lease_ms: int) -> int:
-        client, geo = self.store.client, geo_key(partition)
+        store, geo = self.store, geo_key(partition)
         removed = 0
-        async with self.store.guard():
-            lease = geo_sweep_key(partition)
-            if lease_ms and not await client.set(lease, "1", nx=True, px=lease_ms):
-                return 0
-            cursor: int = 0
-            while True:
-                cursor, items = await client.zscan(geo, cursor, count=SWEEP_CHUNK)
-                ids = [member for member, _score in items]
-                if ids:
-                    pipe = client.pipeline(transaction=False)
-                    for deal_id in ids:
-                        pipe.hmget(
-                            self.store.keys.for_deal(deal_id).deal,
-                            DealHash.ENDS,
-                            DealHash.LEFT,
-                            DealHash.CANCELLED,
-                        )
-                    states = await pipe.execute()
-                    cutoff = now_ms() - SWEEP_CLOCK_MARGIN_MS
-                    dead = [
-                        deal_id
-                        for deal_id, (ends, left, cancelled) in zip(ids, states, strict=True)
-                        if ends is None
-                        or left is None
-                        or cancelled
-                        or int(ends) <= cutoff
-                        or int(left) <= _TERMINAL_LEFT
-                    ]
-                    if dead:
-                        removed += int(await client.zrem(geo, *dead))
-                if int(cursor) == 0:
-                    return removed
+        lease = geo_sweep_key(partition)
+        if lease_ms and not await store.set_if_absent(lease, "1", ttl_ms=lease_ms):
+            return 0
+        cursor = 0
+        while True:
+            cursor, ids = await store.zscan(geo, cursor, count=SWEEP_CHUNK)
+            if ids:
+                pipe = store.pipeline()
+                for deal_id in ids:
+                    pipe.hmget(
+                        store.keys.for_deal(deal_id).deal,
+                        DealHash.ENDS,
+                        DealHash.LEFT,
+                        DealHash.CANCELLED,
+                    )
+                states = await pipe.execute()
+                cutoff = now_ms() - SWEEP_CLOCK_MARGIN_MS
+                dead = [
+                    deal_id
+                    for deal_id, (ends, left, cancelled) in zip(ids, states, strict=True)
+                    if ends is None
+                    or left is None
+                    or cancelled
+                    or int(ends) <= cutoff
+                    or int(left) <= _TERMINAL_LEFT
+                ]
+                if dead:
+                    removed += await store.zrem(geo, *dead)
+            if cursor == 0:
+                return removed
 
     async def close(self) -> None:
         """Wait for background index removals."""

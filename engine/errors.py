@@ -22,7 +22,9 @@
     │   ├── StoreUnavailable             Redis / Valkey cannot be reached
     │   ├── DatabaseUnavailable          PostgreSQL cannot be reached
     │   └── BacklogFull                  the stream is at its cap (PostgreSQL away too long)
-    └── StartupError                     refuse to start: a dependency is unsafe to use
+    ├── StartupError                     refuse to start: a dependency is unsafe to use
+    └── StreamGroupMissing               internal: the persister's consumer group is gone
+                                         (Redis flushed or restored); it recreates it
 
 405 comes from the router (``api/errors.py``). No route rate-limits (429): where wanted,
 that belongs in the load balancer in front of the API. Our own bugs are not in this tree:
@@ -141,3 +143,10 @@ class BacklogFull(Unavailable):
 
 class StartupError(FlashsaleError):
     """A dependency is unsafe to use (e.g. an evicting Redis): refuse to start."""
+
+
+class StreamGroupMissing(FlashsaleError):
+    """A stream has no consumer group of that name (Redis's NOGROUP): Redis lost its data.
+
+    Never answered to a client; the persister recreates the group and reads on.
+    """

@@ -282,8 +282,7 @@ async def sync(
     ids = list(dict.fromkeys(e.entry_id for e in entries if e.entry_id is not None))
     known: dict[str, Any] = {}
     if ids:
-        async with store.guard():
-            values = await store.client.hmget(key, ids)
+        values = await store.hmget(key, *ids)
         known = {i: v for i, v in zip(ids, values, strict=True) if v is not None}
     first_in_batch: dict[str, _Entry] = {}
     later_in_batch: list[_Entry] = []
@@ -324,14 +323,13 @@ async def sync(
     #    entry may have won); the others are judged afresh when sent again.
     kept = [entry for entry in fresh if entry.result is not None and _kept(entry.result)]
     if kept:
-        async with store.guard():
-            pipe = store.client.pipeline(transaction=False)
-            for entry in kept:
-                assert entry.result is not None and entry.entry_id is not None
-                first_ms = _first_ms(entry.result)
-                pipe.hsetnx(key, entry.entry_id, _pack(entry.result, first_ms))
-            pipe.expire(key, SYNC_ENTRIES_TTL_S)
-            await pipe.execute()
+        pipe = store.pipeline()
+        for entry in kept:
+            assert entry.result is not None and entry.entry_id is not None
+            first_ms = _first_ms(entry.result)
+            pipe.hsetnx(key, entry.entry_id, _pack(entry.result, first_ms))
+        pipe.expire(key, SYNC_ENTRIES_TTL_S)
+        await pipe.execute()
     for entry in later_in_batch:
         assert entry.entry_id is not None
         first = first_in_batch[entry.entry_id].result

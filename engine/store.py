@@ -1,6 +1,9 @@
-"""The Redis boundary: connection, start-up checks, Lua scripts, auto-pipelining.
+"""The Redis boundary: connection, start-up checks, Lua scripts, auto-pipelining, and
+the few plain commands (hashes, scans, streams, pipelines) the rest of the code needs.
 
-Every redis exception is translated here (``StoreUnavailable``) and nowhere else.
+Every redis exception is translated here and nowhere else: "cannot serve this now"
+becomes ``StoreUnavailable``, a missing consumer group ``StreamGroupMissing``. Other
+modules call the methods below, never the raw client.
 
 Concurrent script calls made in one event-loop turn leave as one pipeline: one awaited
 round trip per request is where a Python server's time goes, not in Redis.
@@ -12,8 +15,8 @@ import asyncio
 import hashlib
 import logging
 import math
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -25,7 +28,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from engine.errors import StartupError, StoreUnavailable
+from engine.errors import StartupError, StoreUnavailable, StreamGroupMissing
 from engine.keys import KeySpace
 from engine.settings import Settings
 
@@ -49,6 +52,9 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     OSError,
 )
 
+# Everything the boundary translates (the rest, our bugs, pass through as they are).
+_TRANSLATED: tuple[type[BaseException], ...] = (*_UNAVAILABLE, rexc.RedisError)
+
 # Script calls sent in one round trip at most (a burst beyond it leaves as several).
 MAX_BATCH_CALLS = 1000
 
@@ -60,7 +66,12 @@ SCRIPT_NAMES = (
     "redeem_voucher",
     "read_deals",
     "search_geo",
+    "renew_lease",
+    "release_lease",
 )
+
+# (stream, entry id, fields); fields is None for an entry deleted while pending.
+RawEntry = tuple[str, str, dict[str, str] | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,10 +88,13 @@ class Script:
         return cls(name, source, hashlib.sha1(source.encode()).hexdigest())
 
 
-def load_scripts() -> dict[str, Script]:
-    """Every script in ``lua/`` that the engine calls, by name."""
+def load_scripts(names: Sequence[str] = SCRIPT_NAMES) -> dict[str, Script]:
+    """The named scripts from ``lua/``; a missing file is a packaging bug: raise."""
     found = {p.name[:-4] for p in resources.files("lua").iterdir() if p.name.endswith(".lua")}
-    return {name: Script.load(name) for name in SCRIPT_NAMES if name in found}
+    missing = [name for name in names if name not in found]
+    if missing:
+        raise FileNotFoundError(f"Lua scripts missing from lua/: {', '.join(missing)}")
+    return {name: Script.load(name) for name in names}
 
 
 # Error replies that mean "not now" rather than "our bug": a failing disk (MISCONF),
@@ -89,13 +103,30 @@ _UNAVAILABLE_REPLIES = ("MISCONF", "NOREPLICAS", "BUSY", "LOADING", "MASTERDOWN"
 
 
 def _translate(exc: BaseException) -> BaseException:
-    if isinstance(exc, _UNAVAILABLE) or (
-        isinstance(exc, rexc.ResponseError) and str(exc).startswith(_UNAVAILABLE_REPLIES)
-    ):
+    """The domain error for a redis failure; anything else (our bug) unchanged."""
+    err: BaseException
+    # An error reply starts with its code: BUSY is unavailable, BUSYGROUP is not.
+    code = str(exc).split(" ", 1)[0] if isinstance(exc, rexc.ResponseError) else ""
+    if isinstance(exc, _UNAVAILABLE) or code in _UNAVAILABLE_REPLIES:
         err = StoreUnavailable()
-        err.__cause__ = exc
-        return err
-    return exc
+    elif code == "NOGROUP":
+        err = StreamGroupMissing(str(exc))
+    else:
+        return exc
+    err.__cause__ = exc
+    return err
+
+
+@contextmanager
+def _translated() -> Iterator[None]:
+    """Raise redis failures inside the block as the domain errors of ``_translate``."""
+    try:
+        yield
+    except _TRANSLATED as exc:
+        err = _translate(exc)
+        if err is exc:
+            raise
+        raise err from exc
 
 
 @dataclass(slots=True)
@@ -207,15 +238,146 @@ class Store:
         except Exception:
             return False
 
-    @asynccontextmanager
-    async def guard(self) -> AsyncIterator[None]:
-        """Translate redis failures inside the block into ``StoreUnavailable``."""
+    # -- plain commands ---------------------------------------------------------
+
+    async def server_time_ms(self) -> int:
+        """Redis's clock (``TIME``) in ms: the clock the scripts judge time windows by."""
+        with _translated():
+            sec, usec = await self.client.time()
+        return int(sec) * 1000 + int(usec) // 1000
+
+    async def hget(self, key: str, field: str) -> str | None:
+        with _translated():
+            value: str | None = await self.client.hget(key, field)
+        return value
+
+    async def hmget(self, key: str, *fields: str) -> list[str | None]:
+        with _translated():
+            return list(await self.client.hmget(key, fields))
+
+    async def set_if_absent(self, key: str, value: str, *, ttl_ms: int) -> bool:
+        """``SET NX PX``: take a lease; False if someone holds it."""
+        with _translated():
+            return bool(await self.client.set(key, value, nx=True, px=ttl_ms))
+
+    async def zrem(self, key: str, *members: str) -> int:
+        with _translated():
+            return int(await self.client.zrem(key, *members))
+
+    async def zscan(self, key: str, cursor: int, *, count: int) -> tuple[int, list[str]]:
+        """One ``ZSCAN`` step: (next cursor, 0 at the end; members, without scores)."""
+        with _translated():
+            cursor, items = await self.client.zscan(key, cursor, count=count)
+        return int(cursor), [member for member, _score in items]
+
+    async def scan_keys(self, pattern: str, *, limit: int | None = None) -> list[str]:
+        """Keys matching ``pattern`` (``SCAN``; on a cluster, every primary), unordered."""
+        keys: list[str] = []
+        with _translated():
+            async for key in self.client.scan_iter(match=pattern, count=1000):
+                keys.append(str(key))
+                if limit is not None and len(keys) >= limit:
+                    break
+        return keys
+
+    def pipeline(self) -> Pipeline:
+        """Commands sent in one round trip (not a transaction), replies in order."""
+        return Pipeline(self.client.pipeline(transaction=False))
+
+    # -- streams and consumer groups ----------------------------------------------
+
+    async def stream_length(self, key: str) -> int:
+        with _translated():
+            return int(await self.client.xlen(key))
+
+    async def stream_range(
+        self, key: str, start: str, end: str = "+", *, count: int
+    ) -> list[tuple[str, dict[str, str]]]:
+        """Entries with ``start <= id <= end`` (``(id`` excludes it), oldest first."""
+        with _translated():
+            chunk = await self.client.xrange(key, min=start, max=end, count=count)
+        return [(str(entry_id), fields) for entry_id, fields in chunk]
+
+    async def trim_stream(self, key: str, min_id: str) -> int:
+        """Remove every entry below ``min_id`` (exactly); how many went."""
+        with _translated():
+            return int(await self.client.xtrim(key, minid=min_id, approximate=False))
+
+    async def stream_groups(self, key: str) -> list[dict[str, Any]]:
+        """``XINFO GROUPS``: each group's name, pending, last-delivered-id, lag; [] if
+        there is no such stream."""
         try:
-            yield
-        except _UNAVAILABLE as exc:
-            raise StoreUnavailable() from exc
+            with _translated():
+                groups: list[dict[str, Any]] = await self.client.xinfo_groups(key)
         except rexc.ResponseError as exc:
-            raise _translate(exc) from exc
+            if "no such key" not in str(exc).lower():
+                raise
+            return []
+        return groups
+
+    async def create_group(self, key: str, group: str) -> bool:
+        """Create ``group`` on ``key`` from its first entry (and the stream if need be);
+        False if the group exists already."""
+        try:
+            with _translated():
+                await self.client.xgroup_create(key, group, id="0", mkstream=True)
+        except rexc.ResponseError as exc:
+            if not str(exc).startswith("BUSYGROUP"):
+                raise
+            return False
+        return True
+
+    async def read_group(
+        self,
+        group: str,
+        consumer: str,
+        start_by_stream: Mapping[str, str],
+        *,
+        count: int,
+        block_ms: int | None = None,
+    ) -> list[RawEntry]:
+        """``XREADGROUP``: ``>`` for new entries, an id for ``consumer``'s own pending ones.
+
+        On a cluster every stream must share a slot (one stream per call).
+        """
+        with _translated():
+            reply = await self.client.xreadgroup(
+                group, consumer, dict(start_by_stream), count=count, block=block_ms
+            )
+        return _entries(reply)
+
+    async def pending_summary(self, key: str, group: str) -> dict[str, Any]:
+        """``XPENDING`` summary: pending count, min and max ids, count per consumer."""
+        with _translated():
+            summary: dict[str, Any] = await self.client.xpending(key, group)
+        return summary
+
+    async def pending_entries(
+        self,
+        key: str,
+        group: str,
+        start: str,
+        end: str,
+        count: int,
+        *,
+        consumer: str | None = None,
+        min_idle_ms: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """``XPENDING`` detail rows: message_id, consumer, time_since_delivered,
+        times_delivered."""
+        with _translated():
+            rows: list[dict[str, Any]] = await self.client.xpending_range(
+                key, group, start, end, count, consumer, idle=min_idle_ms
+            )
+        return rows
+
+    async def claim_entries(
+        self, key: str, group: str, consumer: str, min_idle_ms: int, ids: Sequence[str]
+    ) -> list[RawEntry]:
+        """``XCLAIM``: take over entries idle at least ``min_idle_ms`` (re-checked)."""
+        with _translated():
+            claimed = await self.client.xclaim(key, group, consumer, min_idle_ms, list(ids))
+        return [(key, str(entry_id), fields or None) for entry_id, fields in claimed or []]
 
     # -- scripts -------------------------------------------------------------
 
@@ -332,6 +494,82 @@ class Store:
             finally:
                 await pool.release(conn)
         raise AssertionError("unreachable")
+
+
+class Pipeline:
+    """Commands queued here leave in one round trip on ``execute``, which translates
+    redis failures like every store method. Only the commands the code needs."""
+
+    __slots__ = ("_pipe",)
+
+    def __init__(self, pipe: Any) -> None:
+        self._pipe = pipe
+
+    def hget(self, key: str, field: str) -> None:
+        self._pipe.hget(key, field)
+
+    def hmget(self, key: str, *fields: str) -> None:
+        self._pipe.hmget(key, fields)
+
+    def hgetall(self, key: str) -> None:
+        self._pipe.hgetall(key)
+
+    def hset(self, key: str, mapping: Mapping[str, Any]) -> None:
+        self._pipe.hset(key, mapping=mapping)
+
+    def hsetnx(self, key: str, field: str, value: str | bytes) -> None:
+        self._pipe.hsetnx(key, field, value)
+
+    def hlen(self, key: str) -> None:
+        self._pipe.hlen(key)
+
+    def expire(self, key: str, seconds: int) -> None:
+        self._pipe.expire(key, seconds)
+
+    def geoadd(self, key: str, lng: float, lat: float, member: str) -> None:
+        self._pipe.geoadd(key, (lng, lat, member))
+
+    def zrem(self, key: str, *members: str) -> None:
+        self._pipe.zrem(key, *members)
+
+    def ack(self, key: str, group: str, ids: Sequence[str]) -> None:
+        """``XACK``."""
+        self._pipe.xack(key, group, *ids)
+
+    def touch(self, key: str, group: str, consumer: str, ids: Sequence[str]) -> None:
+        """``XCLAIM <consumer> 0 ... JUSTID`` to the holder itself: reset the entries'
+        idle time without counting a delivery."""
+        self._pipe.xclaim(key, group, consumer, 0, list(ids), justid=True)
+
+    def pending_summary(self, key: str, group: str) -> None:
+        self._pipe.xpending(key, group)
+
+    async def execute(self, *, raise_on_error: bool = True) -> list[Any]:
+        """The replies, in order; with ``raise_on_error=False`` a failed command's reply
+        is its (translated) exception and the others stand."""
+        with _translated():
+            # Error replies come back as values: raised, redis-py rewords them.
+            replies: list[Any] = await self._pipe.execute(raise_on_error=False)
+        replies = [_translate(r) if isinstance(r, BaseException) else r for r in replies]
+        if raise_on_error:
+            for reply in replies:
+                if isinstance(reply, BaseException):
+                    raise reply
+        return replies
+
+
+def _entries(reply: Any) -> list[RawEntry]:
+    """``XREADGROUP``'s reply (RESP2 list or RESP3 dict, per stream) as flat entries."""
+    out: list[RawEntry] = []
+    if not reply:
+        return out
+    items = reply.items() if isinstance(reply, dict) else reply
+    for stream, entries in items:
+        if isinstance(entries, list) and len(entries) == 1 and isinstance(entries[0], list):
+            entries = entries[0]  # RESP3 shape
+        for entry_id, fields in entries:
+            out.append((str(stream), str(entry_id), fields or None))
+    return out
 
 
 def _settle(call: _Call, *, result: Any = None, exc: BaseException | None = None) -> None:

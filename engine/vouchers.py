@@ -382,15 +382,14 @@ async def read_voucher(store: Store, voucher_id: str) -> HeldVoucher | None:
     if deal_id is None:
         return None
     k = store.keys.for_deal(deal_id)
-    async with store.guard():
-        pipe = store.client.pipeline(transaction=False)
-        pipe.hget(k.vouchers, voucher_id)
-        pipe.hmget(k.deal, DealHash.MERCHANT, DealHash.REDEEM)
-        pipe.hget(k.redemptions, voucher_id)
-        user, (merchant, redeem), redeemed = await pipe.execute()
-        if user is None or merchant is None:
-            return None
-        held = await store.client.hget(k.claimers, user)
+    pipe = store.pipeline()
+    pipe.hget(k.vouchers, voucher_id)
+    pipe.hmget(k.deal, DealHash.MERCHANT, DealHash.REDEEM)
+    pipe.hget(k.redemptions, voucher_id)
+    user, (merchant, redeem), redeemed = await pipe.execute()
+    if user is None or merchant is None:
+        return None
+    held = await store.hget(k.claimers, user)
     if held is None:
         return None
     vid, seq, claimed_at = parse_holder(held)

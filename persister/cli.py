@@ -53,7 +53,7 @@ async def persist(settings: Settings, args: argparse.Namespace) -> int:
     Exit 2 if every consumer name on this host is leased (``NameTaken``), 1 if another
     process took this one's name while it ran (``NameLost``; ``flashsale up`` restarts it).
     """
-    from engine.streams import NameTaken
+    from persister.leases import NameTaken
     from persister.worker import NameLost, run_persister
 
     _dsn(settings)

@@ -48,9 +48,7 @@ async def rebuild_redis(store: Store, db: Database, *, force: bool = False) -> R
     if not force and await count_deals(store):
         raise RedisNotEmpty("Redis already holds deals; use --force to rebuild over them")
     out = Rebuilt()
-    async with store.guard():
-        sec, _usec = await store.client.time()
-    now_ms = int(sec) * 1000
+    now_ms = await store.server_time_ms() // 1000 * 1000
     after = ""
     while True:
         async with db.connection() as conn:
@@ -87,69 +85,66 @@ async def _write_chunk(
             log.error("deal %s has no creation record in PostgreSQL: not restored", d["id"])
         else:
             complete.append(d)
-    async with store.guard():
-        existing_seq: list[Any] = [None] * len(complete)
-        if force:
-            pipe = store.client.pipeline(transaction=False)
-            for d in complete:
-                pipe.hget(store.keys.for_deal(d["id"]).deal, DealHash.SEQ)
-            existing_seq = await pipe.execute()
-        pipe = store.client.pipeline(transaction=False)
+    existing_seq: list[Any] = [None] * len(complete)
+    if force:
+        pipe = store.pipeline()
         for d in complete:
-            k = store.keys.for_deal(d["id"])
-            held = by_deal.get(d["id"], [])
-            if held:
-                pipe.hset(
-                    k.claimers,
-                    mapping={
-                        v["user_id"]: holder_value(v["id"], v["seq"], v["claimed"]) for v in held
-                    },
-                )
-                pipe.hset(k.vouchers, mapping={v["id"]: v["user_id"] for v in held})
-            firsts = redeemed.get(d["id"], [])
-            if firsts:
-                pipe.hset(
-                    k.redemptions,
-                    mapping={
-                        r["voucher_id"]: redemption_value(
-                            r["redeemed"], r["device_id"], r["entry_id"], r["merchant_id"]
-                        )
-                        for r in firsts
-                    },
-                )
-            pipe.hlen(k.claimers)
-        issued_counts = (await pipe.execute())[-len(complete) :] if complete else []
-        pipe = store.client.pipeline(transaction=False)
-        for d, issued, seq_before in zip(complete, issued_counts, existing_seq, strict=True):
-            k = store.keys.for_deal(d["id"])
-            held = by_deal.get(d["id"], [])
-            total = int(d["inventory_total"])
-            left = total - int(issued)
-            seq = max([int(seq_before or 0), *(int(v["seq"]) for v in held)], default=0)
-            fields = {
-                DealHash.MERCHANT: d["merchant_id"],
-                DealHash.TITLE: d["title"],
-                DealHash.DESC: d["description"] or "",
-                DealHash.LAT: repr(float(d["lat"])),
-                DealHash.LNG: repr(float(d["lng"])),
-                DealHash.TOTAL: total,
-                DealHash.LEFT: left,
-                DealHash.SEQ: seq,
-                DealHash.STARTS: d["starts"],
-                DealHash.ENDS: d["ends"],
-                DealHash.REDEEM: d["redeem"],
-                DealHash.CREATED: d["created"],
-            }
-            if d["cancelled"] is not None:
-                fields[DealHash.CANCELLED] = d["cancelled"]
-            pipe.hset(k.deal, mapping=fields)
-            claimable = d["cancelled"] is None and d["ends"] > now_ms and left > 0
-            if claimable:
-                pipe.geoadd(k.geo, (float(d["lng"]), float(d["lat"]), d["id"]))
-                out.indexed += 1
-            else:
-                pipe.zrem(k.geo, d["id"])
-            out.deals += 1
-            out.vouchers += len(held)
-            out.redemptions += len(redeemed.get(d["id"], []))
-        await pipe.execute()
+            pipe.hget(store.keys.for_deal(d["id"]).deal, DealHash.SEQ)
+        existing_seq = await pipe.execute()
+    pipe = store.pipeline()
+    for d in complete:
+        k = store.keys.for_deal(d["id"])
+        held = by_deal.get(d["id"], [])
+        if held:
+            pipe.hset(
+                k.claimers,
+                mapping={v["user_id"]: holder_value(v["id"], v["seq"], v["claimed"]) for v in held},
+            )
+            pipe.hset(k.vouchers, mapping={v["id"]: v["user_id"] for v in held})
+        firsts = redeemed.get(d["id"], [])
+        if firsts:
+            pipe.hset(
+                k.redemptions,
+                mapping={
+                    r["voucher_id"]: redemption_value(
+                        r["redeemed"], r["device_id"], r["entry_id"], r["merchant_id"]
+                    )
+                    for r in firsts
+                },
+            )
+        pipe.hlen(k.claimers)
+    issued_counts = (await pipe.execute())[-len(complete) :] if complete else []
+    pipe = store.pipeline()
+    for d, issued, seq_before in zip(complete, issued_counts, existing_seq, strict=True):
+        k = store.keys.for_deal(d["id"])
+        held = by_deal.get(d["id"], [])
+        total = int(d["inventory_total"])
+        left = total - int(issued)
+        seq = max([int(seq_before or 0), *(int(v["seq"]) for v in held)], default=0)
+        fields = {
+            DealHash.MERCHANT: d["merchant_id"],
+            DealHash.TITLE: d["title"],
+            DealHash.DESC: d["description"] or "",
+            DealHash.LAT: repr(float(d["lat"])),
+            DealHash.LNG: repr(float(d["lng"])),
+            DealHash.TOTAL: total,
+            DealHash.LEFT: left,
+            DealHash.SEQ: seq,
+            DealHash.STARTS: d["starts"],
+            DealHash.ENDS: d["ends"],
+            DealHash.REDEEM: d["redeem"],
+            DealHash.CREATED: d["created"],
+        }
+        if d["cancelled"] is not None:
+            fields[DealHash.CANCELLED] = d["cancelled"]
+        pipe.hset(k.deal, mapping=fields)
+        claimable = d["cancelled"] is None and d["ends"] > now_ms and left > 0
+        if claimable:
+            pipe.geoadd(k.geo, float(d["lng"]), float(d["lat"]), d["id"])
+            out.indexed += 1
+        else:
+            pipe.zrem(k.geo, d["id"])
+        out.deals += 1
+        out.vouchers += len(held)
+        out.redemptions += len(redeemed.get(d["id"], []))
+    await pipe.execute()

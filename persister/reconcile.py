@@ -14,8 +14,9 @@ from typing import Any
 from engine.claims import parse_holder
 from engine.deals import DealHash
 from engine.store import Store
-from engine.streams import stream_lag, unacknowledged
+from engine.streams import stream_lag
 from persister import queries, scan
+from persister.consumer import unacknowledged
 from persister.db import Database
 
 CHUNK = 500
@@ -119,13 +120,12 @@ async def reconcile(store: Store, db: Database, wait_s: float) -> Report:
 async def _compare_chunk(
     store: Store, db: Database, deal_ids: list[str], flying: _InFlight, report: Report
 ) -> None:
-    async with store.guard():
-        pipe = store.client.pipeline(transaction=False)
-        for d in deal_ids:
-            k = store.keys.for_deal(d)
-            pipe.hgetall(k.deal)
-            pipe.hgetall(k.claimers)
-        replies = await pipe.execute()
+    pipe = store.pipeline()
+    for d in deal_ids:
+        k = store.keys.for_deal(d)
+        pipe.hgetall(k.deal)
+        pipe.hgetall(k.claimers)
+    replies = await pipe.execute()
     async with db.connection() as conn:
         pg_deals = {r["id"]: r for r in await conn.fetch(queries.SELECT_DEALS_BY_ID, deal_ids)}
         pg_vouchers: dict[str, dict[str, Any]] = {d: {} for d in deal_ids}

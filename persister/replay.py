@@ -25,11 +25,10 @@ async def replay(
     for key in store.keys.all_events():
         start = from_id
         while True:
-            async with store.guard():
-                chunk = await store.client.xrange(key, min=start, max=to_id, count=batch)
+            chunk = await store.stream_range(key, start, to_id, count=batch)
             if not chunk:
                 break
-            entries = [Entry(key, str(i), f) for i, f in chunk if f]
+            entries = [Entry(key, i, f) for i, f in chunk if f]
             total.merge(await _write(db, entries, store.settings.persister_max_attempts))
             start = f"({chunk[-1][0]}"
             if len(chunk) < batch:

@@ -21,20 +21,13 @@ import time
 from dataclasses import dataclass
 
 from engine.errors import DatabaseUnavailable, StoreUnavailable
-from engine.keys import STREAM_GROUP
 from engine.settings import Settings
-from engine.store import Store
-from engine.streams import (
-    Consumer,
-    RawEntry,
-    ensure_groups,
-    lease_consumer_name,
-    release_lease,
-    renew_lease,
-    trim_acked,
-)
+from engine.store import RawEntry, Store
+from persister.consumer import Consumer, ensure_groups
 from persister.db import Database, Transient, check_schema
 from persister.events import Entry, Parsed, parse
+from persister.leases import lease_consumer_name, release_lease, renew_lease
+from persister.retention import trim_acked
 from persister.writer import Written, write_dead_letters, write_parsed
 
 log = logging.getLogger(__name__)
@@ -147,7 +140,7 @@ class Persister:
                     # exactly these. More means a read whose reply we never saw (a timeout
                     # that redis-py retried silently) delivered entries to us: no read-ahead
                     # this round, and take them back right after it.
-                    lost = await self._own_pending() != len(entries)
+                    lost = await self.consumer.pending_count() != len(entries)
                     self._reread_own = self._reread_own or lost
                     await self._round(
                         entries, check_deliveries=False, read_ahead=self.pipeline and not lost
@@ -193,24 +186,6 @@ class Persister:
         except StoreUnavailable:
             self._reread_own = True
             raise
-
-    async def _own_pending(self) -> int | None:
-        """Entries pending under this name over all streams (None if Redis did not say)."""
-        try:
-            async with self.store.guard():
-                pipe = self.store.client.pipeline(transaction=False)
-                for key in self.consumer.keys:
-                    pipe.xpending(key, STREAM_GROUP)
-                replies = await pipe.execute(raise_on_error=False)
-        except StoreUnavailable:
-            return None
-        count = 0
-        for reply in replies:
-            if isinstance(reply, dict):
-                for c in reply.get("consumers") or []:
-                    if str(c["name"]) == self.name:
-                        count += int(c["pending"])
-        return count
 
     async def _read_ahead(self) -> list[RawEntry]:
         """The next batch, read while the current one is written; [] if Redis failed

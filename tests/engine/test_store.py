@@ -1,18 +1,24 @@
-"""The Redis boundary: script cache loss, unsafe servers, Redis going away."""
+"""The Redis boundary: script cache loss, unsafe servers, Redis going away, and that no
+other module crosses it."""
 
 from __future__ import annotations
 
+import ast
 import asyncio
+from importlib import resources
+from pathlib import Path
 
 import pytest
 
 from engine import claims
 from engine.deals import create_deal, get_deal
-from engine.errors import StartupError, StoreUnavailable
+from engine.errors import StartupError, StoreUnavailable, StreamGroupMissing
 from engine.settings import Settings
-from engine.store import Store
+from engine.store import SCRIPT_NAMES, Store, load_scripts
 from flashsale.embedded import EmbeddedRedis
 from tests.helpers import new_deal
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 async def _script_flush(store: Store, cluster: bool) -> None:
@@ -174,3 +180,80 @@ async def test_a_burst_larger_than_a_batch_leaves_as_several(store: Store) -> No
     results = await asyncio.gather(*(claims.claim(store, deal.id, f"u-{i}") for i in range(2500)))
     assert sum(r.is_new for r in results) == 2500
     assert sum(sizes) == 2500 and max(sizes) <= MAX_BATCH_CALLS and len(sizes) >= 3
+
+
+def test_load_scripts_refuses_a_missing_script_file() -> None:
+    """A registered script with no file in lua/ is a packaging bug: loud, not skipped."""
+    with pytest.raises(FileNotFoundError, match="no_such_script"):
+        load_scripts(("claim_voucher", "no_such_script"))
+
+
+def test_every_lua_file_is_registered_and_headed_by_its_contract() -> None:
+    """lua/ holds exactly the registered scripts, each opening with its name and contract."""
+    files = {p.name[:-4]: p for p in resources.files("lua").iterdir() if p.name.endswith(".lua")}
+    assert set(files) == set(SCRIPT_NAMES)
+    for name, path in files.items():
+        head = path.read_text(encoding="utf-8").split("\nlocal ", 1)[0]
+        assert head.startswith(f"-- {name}: "), name
+        assert "KEYS[" in head and "Returns" in head, name
+
+
+def test_only_the_store_imports_redis_or_reaches_its_client() -> None:
+    """The Redis boundary is whole: no other module imports redis or uses ``.client``."""
+    offenders = []
+    for folder in ("engine", "api", "persister", "flashsale"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            if path == ROOT / "engine" / "store.py":
+                continue
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                names = []
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom):
+                    names = [node.module or ""]
+                if any(n == "redis" or n.startswith("redis.") for n in names):
+                    offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} imports redis")
+                if isinstance(node, ast.Attribute) and node.attr == "client":
+                    offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} uses .client")
+    assert offenders == []
+
+
+async def test_group_commands_name_a_missing_group_and_stream(store: Store) -> None:
+    """NOGROUP is StreamGroupMissing; a missing stream has no groups; creating twice is
+    no error."""
+    key = store.keys.all_events()[0]
+    assert await store.stream_groups(key) == []
+    assert await store.create_group(key, "g") is True
+    assert await store.create_group(key, "g") is False
+    assert [g["name"] for g in await store.stream_groups(key)] == ["g"]
+    with pytest.raises(StreamGroupMissing):
+        await store.read_group("other", "c", {key: ">"}, count=1)
+    with pytest.raises(StreamGroupMissing):
+        await store.pending_entries(key, "other", "-", "+", 10)
+
+
+async def test_every_store_command_is_store_unavailable_while_redis_is_down(
+    own_redis: EmbeddedRedis,
+) -> None:
+    """Plain commands, pipelines, scans and stream reads all fail as StoreUnavailable."""
+    store = await Store.connect(Settings(redis_url=own_redis.url, partitions=2))
+    try:
+        key = store.keys.all_events()[0]
+        await store.create_group(key, "g")
+        own_redis.stop()
+        pipe = store.pipeline()
+        pipe.hget("k", "f")
+        calls = [
+            store.hget("k", "f"),
+            store.hmget("k", "a", "b"),
+            store.server_time_ms(),
+            store.scan_keys("fs:*"),
+            store.stream_groups(key),
+            store.read_group("g", "c", {key: ">"}, count=1),
+            pipe.execute(),
+        ]
+        for call in calls:
+            with pytest.raises(StoreUnavailable):
+                await call
+    finally:
+        await store.close()

@@ -1,4 +1,4 @@
-"""The persister against real Redis and PostgreSQL: batches, poison, kills, trimming."""
+"""The persister against real Redis and PostgreSQL: batches, poison, kills, name leases."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from engine.deals import cancel_deal, create_deal
 from engine.keys import STREAM_GROUP, consumer_lease_key
 from engine.settings import Settings
 from engine.store import Store
-from engine.streams import lease_consumer_name, release_lease, renew_lease
+from persister.leases import lease_consumer_name
 from tests.helpers import new_deal
 from tests.persister.conftest import PersisterProcess, running_persister, wait_caught_up
 
@@ -199,40 +199,6 @@ async def test_sigterm_stops_within_seconds_even_while_postgres_is_down(
     assert loop.time() - t0 < 5
 
 
-async def test_trims_only_acknowledged_entries_past_retention_or_near_the_cap(
-    psettings: Settings, pstore: Store
-) -> None:
-    """Retention keeps acked history for replay; near the cap acked entries go anyway."""
-    deal = await create_deal(pstore, new_deal(40))
-    k = pstore.keys.for_deal(deal.id)
-    await _claim_many(pstore, [deal.id], 10)
-    async with running_persister(psettings.with_(stream_retention_s=3600.0)):
-        await wait_caught_up(pstore)
-        await asyncio.sleep(0.5)  # a few trim rounds
-        assert await pstore.client.xlen(k.events) == 11  # acked, but inside the retention
-    await _claim_many(pstore, [deal.id], 20)  # 10 more new ones, not yet persisted
-    assert await pstore.client.xlen(k.events) == 21
-    async with running_persister(psettings.with_(stream_retention_s=0.0), "second") as p:
-        await wait_caught_up(pstore)
-        await asyncio.sleep(0.5)
-        assert await pstore.client.xlen(k.events) == 0
-        assert p.stats.trimmed == 21
-    await _claim_many(pstore, [deal.id], 25)  # 5 new
-    near_cap = psettings.with_(stream_cap=8, stream_retention_s=3600.0)
-    async with running_persister(near_cap, "third"):
-        await wait_caught_up(pstore)
-        await asyncio.sleep(0.5)
-        assert await pstore.client.xlen(k.events) == 0  # young, but acked and past cap/2
-    # An entry delivered but not acknowledged is never trimmed, whatever the pressure.
-    await _claim_many(pstore, [deal.id], 30)  # 5 new: u-25..u-29
-    await pstore.client.xreadgroup(STREAM_GROUP, "holder", {k.events: ">"}, count=1)
-    async with running_persister(near_cap, "fourth"):
-        await asyncio.sleep(1.0)
-        first = await pstore.client.xrange(k.events, count=1)
-        assert first and first[0][1]["user"] == "u-25"
-        assert await pstore.client.xlen(k.events) == 5
-
-
 async def test_pipelined_rounds_land_exactly_and_stopping_leaves_nothing_read_ahead(
     psettings: Settings, pstore: Store, pg: asyncpg.Connection
 ) -> None:
@@ -274,30 +240,6 @@ async def test_entries_a_lost_read_delivered_are_taken_back_at_once(
         issued = await _claim_many(pstore, [deal.id], 10)  # the next batch notices
         await wait_caught_up(pstore, 5)
     assert await _vouchers(pg) == {**issued, **lost}
-
-
-async def test_renewing_a_lease_never_overwrites_one_another_process_took(pstore: Store) -> None:
-    """Our lease lapsed and another process takes the name while we renew: the renewal
-    must fail and leave the other's lease alone (a GET then SET would overwrite it)."""
-    name, token = await lease_consumer_name(pstore, 60_000)
-    key = consumer_lease_key(name)
-    for i in range(100):
-        await pstore.client.delete(key)  # our lease expired
-        other = f"other-{i}"
-        renewed, taken = await asyncio.gather(
-            renew_lease(pstore, name, token, 60_000),
-            pstore.client.set(key, other, nx=True, px=60_000),
-        )
-        held = await pstore.client.get(key)
-        assert bool(renewed) != bool(taken), (i, renewed, taken)
-        assert held == (token if renewed else other), (i, held)
-    await pstore.client.set(key, "other")
-    await release_lease(pstore, name, token)  # not ours: left alone
-    assert await pstore.client.get(key) == "other"
-    await pstore.client.set(key, token)
-    assert await renew_lease(pstore, name, token, 60_000)
-    await release_lease(pstore, name, token)
-    assert await pstore.client.get(key) is None
 
 
 async def test_a_persister_whose_name_is_taken_stops_with_a_clear_error(
