@@ -24,10 +24,6 @@ RADIUS_DEFAULT_KM = 5.0
 RADIUS_MAX_KM = 50.0
 LIMIT_DEFAULT = 20
 LIMIT_MAX = 100
-# How often ended deals nobody looked at are swept from the geo indexes (one process
-# per partition per interval, by lease), and the jitter that spreads processes apart.
-SWEEP_INTERVAL_S = 60.0
-SWEEP_JITTER = 0.2
 
 
 def discovery(request: Request) -> Discovery:
@@ -55,9 +51,9 @@ async def nearby(request: Request) -> Response:
     return Response(render(found), media_type="application/json")
 
 
-async def _sweep_forever(d: Discovery, interval_s: float) -> None:
+async def _sweep_forever(d: Discovery, interval_s: float, jitter: float) -> None:
     while True:
-        await asyncio.sleep(interval_s * (1 + SWEEP_JITTER * random.random()))
+        await asyncio.sleep(interval_s * (1 + jitter * random.random()))
         try:
             removed = await d.sweep(lease_ms=int(interval_s * 1000))
         except StoreUnavailable:
@@ -72,7 +68,11 @@ async def lifespan(svc: Services) -> AsyncIterator[None]:
     d = Discovery(svc.store)
     svc.extras["discovery"] = d
     try:
-        async with background(_sweep_forever(d, SWEEP_INTERVAL_S)):
+        settings = svc.settings
+        sweeping = _sweep_forever(
+            d, settings.discovery_sweep_interval_s, settings.discovery_sweep_jitter
+        )
+        async with background(sweeping):
             yield
     finally:
         await d.close()

@@ -64,8 +64,14 @@ class Settings:
     durability: Durability = "redis"
     waitaof_timeout_ms: int = 500
     redis_timeout_s: float = 1.0
+    redis_max_connections: int = 512  # per process (a node; a cluster pools per node)
     discovery_cache_s: float = 30.0
     discovery_cell_deg: float = 0.01
+    # Ended deals nobody looked at are swept from the geo indexes this often (one process
+    # per partition per interval, by lease), each process's wait stretched by up to this
+    # fraction so that processes spread apart.
+    discovery_sweep_interval_s: float = 60.0
+    discovery_sweep_jitter: float = 0.2
     token_cache_size: int = 100_000
     # How far a till's clock may drift, either way, before a synced redemption time is
     # implausible: later than Redis's now + this, or earlier than the claim - this.
@@ -81,8 +87,17 @@ class Settings:
     persister_claim_idle_s: float = 30.0  # reclaim others' entries idle this long
     persister_max_attempts: int = 3  # a failing entry is dead-lettered after these
     persister_max_deliveries: int = 10  # ...or after being delivered this often (crash loops)
+    persister_backoff_base_s: float = 0.05  # first retry while PostgreSQL or Redis is away
     persister_backoff_max_s: float = 5.0  # retry ceiling while PostgreSQL is away
     persister_trim_interval_s: float = 1.0
+    persister_reclaim_interval_s: float = 5.0  # how often others' idle entries are sought
+    # A leased consumer name (persister_name unset) lapses this long after its holder
+    # stops renewing it; it is renewed every persister_lease_renew_s.
+    persister_lease_ttl_ms: int = 15_000
+    persister_lease_renew_s: float = 5.0
+    # SIGTERM: the round in progress gets this long to finish, then it is abandoned (its
+    # entries stay pending for the next start).
+    persister_stop_grace_s: float = 8.0
     # Near the cap, acknowledged entries are trimmed even inside the retention, so that
     # claims are not refused just to keep replay history.
     stream_trim_fraction: float = 0.5

@@ -152,7 +152,7 @@ def make_client(settings: Settings, url: str | None = None) -> Any:
     }
     if settings.redis_cluster:
         return RedisCluster.from_url(url, **common)
-    return aioredis.Redis.from_url(url, max_connections=512, **common)
+    return aioredis.Redis.from_url(url, max_connections=settings.redis_max_connections, **common)
 
 
 class Store:

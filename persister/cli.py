@@ -22,8 +22,6 @@ from persister.db import migrate as apply_migrations
 
 log = logging.getLogger(__name__)
 
-STOP_GRACE_S = 8.0
-
 
 def run(command: str, coro: Coroutine[Any, Any, int]) -> int:
     """Run one persister command: the long-running ``persist`` on uvloop (less Python
@@ -67,9 +65,10 @@ async def persist(settings: Settings, args: argparse.Namespace) -> int:
     if not task.done():
         # Asked to stop: the round in progress gets a few seconds, then it is abandoned
         # (its entries stay pending and come back on the next start).
-        done, _ = await asyncio.wait({task}, timeout=STOP_GRACE_S)
+        grace_s = settings.persister_stop_grace_s
+        done, _ = await asyncio.wait({task}, timeout=grace_s)
         if not done:
-            log.warning("persister did not stop within %.0fs; abandoning", STOP_GRACE_S)
+            log.warning("persister did not stop within %.0fs; abandoning", grace_s)
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task

@@ -32,11 +32,6 @@ from persister.writer import Written, write_dead_letters, write_parsed
 
 log = logging.getLogger(__name__)
 
-LEASE_TTL_MS = 15_000
-LEASE_RENEW_S = 5.0
-RECLAIM_EVERY_S = 5.0
-BACKOFF_BASE_S = 0.05
-
 
 @dataclass(slots=True)
 class Stats:
@@ -59,13 +54,14 @@ class NameLost(Exception):
 class Backoff:
     """Exponential backoff with full jitter, reset after a success."""
 
-    def __init__(self, cap_s: float) -> None:
+    def __init__(self, base_s: float, cap_s: float) -> None:
+        self.base_s = base_s
         self.cap_s = cap_s
         self.failures = 0
 
     def next_s(self) -> float:
         self.failures += 1
-        return random.uniform(0, min(self.cap_s, BACKOFF_BASE_S * 2**self.failures))
+        return random.uniform(0, min(self.cap_s, self.base_s * 2**self.failures))
 
     def reset(self) -> None:
         self.failures = 0
@@ -85,7 +81,7 @@ class Persister:
         self.consumer = Consumer(store, name, settings.persister_batch, settings.persister_block_ms)
         self.stats = Stats()
         self._stop = asyncio.Event()
-        self._backoff = Backoff(settings.persister_backoff_max_s)
+        self._backoff = Backoff(settings.persister_backoff_base_s, settings.persister_backoff_max_s)
         self._next_reclaim = 0.0
         self._next_trim = 0.0
         self._reread_own = False  # a read failed: take back what it may have delivered
@@ -121,7 +117,7 @@ class Persister:
             while not self.stopping:
                 now = time.monotonic()
                 if now >= self._next_reclaim:
-                    self._next_reclaim = now + RECLAIM_EVERY_S
+                    self._next_reclaim = now + self.settings.persister_reclaim_interval_s
                     idle_ms = int(self.settings.persister_claim_idle_s * 1000)
                     reclaimed = await self._until_ok(self.consumer.reclaim, idle_ms)
                     if reclaimed:
@@ -326,16 +322,16 @@ async def run_persister(settings: Settings, stop: asyncio.Event | None = None) -
     lease: tuple[str, str] | None = None
     renewer: asyncio.Task[None] | None = None
     try:
-        if not await _check_schema(db, stop or asyncio.Event()):
+        if not await _check_schema(db, stop or asyncio.Event(), settings):
             return Stats()  # asked to stop before PostgreSQL answered
         if settings.persister_name:
             name = settings.persister_name
         else:
-            lease = await lease_consumer_name(store, LEASE_TTL_MS)
+            lease = await lease_consumer_name(store, settings.persister_lease_ttl_ms)
             name = lease[0]
         persister = Persister(settings, store, db, name)
         if lease is not None:
-            renewer = asyncio.create_task(_renew(store, *lease, persister))
+            renewer = asyncio.create_task(_renew(store, settings, *lease, persister))
         watcher = asyncio.create_task(_stop_when(stop, persister)) if stop else None
         try:
             stats = await persister.run()
@@ -357,10 +353,10 @@ async def run_persister(settings: Settings, stop: asyncio.Event | None = None) -
         await store.close()
 
 
-async def _check_schema(db: Database, stop: asyncio.Event) -> bool:
+async def _check_schema(db: Database, stop: asyncio.Event, settings: Settings) -> bool:
     """Wait for PostgreSQL if it is down at start (False if stopped meanwhile);
     refuse an unmigrated schema."""
-    backoff = Backoff(5.0)
+    backoff = Backoff(settings.persister_backoff_base_s, settings.persister_backoff_max_s)
     while not stop.is_set():
         try:
             async with db.connection() as conn:
@@ -379,14 +375,16 @@ async def _stop_when(stop: asyncio.Event, persister: Persister) -> None:
     persister.stop()
 
 
-async def _renew(store: Store, name: str, token: str, persister: Persister) -> None:
+async def _renew(
+    store: Store, settings: Settings, name: str, token: str, persister: Persister
+) -> None:
     """Keep our lease on the name; if another process holds it now, stop consuming under
     it (the round in progress finishes) and raise ``NameLost`` (the process exits non-zero
     and ``flashsale up`` starts a fresh persister, which leases a free name)."""
     while True:
-        await asyncio.sleep(LEASE_RENEW_S)
+        await asyncio.sleep(settings.persister_lease_renew_s)
         try:
-            if await renew_lease(store, name, token, LEASE_TTL_MS):
+            if await renew_lease(store, name, token, settings.persister_lease_ttl_ms):
                 continue
         except StoreUnavailable:
             continue
