@@ -138,6 +138,8 @@ async def test_two_persisters_over_several_partitions_count_exactly(
 ) -> None:
     """Two processes drain four partitions while claims pour in: every voucher once."""
     procs = [spawn_persister(psettings, FLASHSALE_PERSISTER_BATCH="50") for _ in range(2)]
+    for p in procs:  # else, one slow to start, the other may drain everything alone
+        await p.wait_for_output(" starting")
     deals = [await create_deal(pstore, new_deal(150)) for _ in range(8)]
     assert len({pstore.keys.partition_of(d.id) for d in deals}) > 1
     issued: dict[str, str] = {}
