@@ -101,9 +101,6 @@ class Settings:
     # Near the cap, acknowledged entries are trimmed even inside the retention, so that
     # claims are not refused just to keep replay history.
     stream_trim_fraction: float = 0.5
-    # Test-only hook: pause the persister at a named point ("after_read" before the
-    # commit, "after_commit" before the XACK) so that a test can SIGKILL it there.
-    persister_pause_at: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -134,7 +131,6 @@ class Settings:
             persister_claim_idle_s=float(
                 _int(env, "FLASHSALE_PERSISTER_CLAIM_IDLE_S", 30, 1, 86_400)
             ),
-            persister_pause_at=env.get("FLASHSALE_PERSISTER_PAUSE_AT") or None,
         )
 
     @property

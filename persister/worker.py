@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import sys
 import time
 from dataclasses import dataclass
 
@@ -207,13 +206,6 @@ class Persister:
                 log.warning("Redis unavailable; retrying in %.2fs", delay)
                 await self._sleep(delay)
 
-    def _pause(self, point: str) -> None:
-        """Test hook: stop dead at ``point`` so that a test can SIGKILL this process there."""
-        if self.settings.persister_pause_at == point:
-            print(f"persister paused at {point}", file=sys.stderr, flush=True)
-            while True:
-                time.sleep(3600)
-
     async def _round(
         self, raw: list[RawEntry], *, check_deliveries: bool, read_ahead: bool = False
     ) -> None:
@@ -236,14 +228,12 @@ class Persister:
                 else:
                     keep.append(e)
             entries = keep
-        self._pause("after_read")
         parsed = parse(entries)
         if read_ahead and not self.stopping:
             self._ahead = asyncio.create_task(self._read_ahead())
         written = await self._write(parsed, too_often, raw)
         if written is None:
             return  # stopping while PostgreSQL is away: the entries stay pending
-        self._pause("after_commit")
         await self._until_ok(self.consumer.ack, raw)
         self.stats.rounds += 1
         self.stats.entries += written.entries

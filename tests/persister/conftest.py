@@ -109,6 +109,54 @@ def own_postgres(tmp_path: Path) -> Iterator[EmbeddedPostgres]:
         server.remove_data()
 
 
+class HeldLock:
+    """A lock the test holds on a table in an open transaction of its own."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+
+    async def release(self) -> None:
+        """End the transaction (and so the lock)."""
+        if not self.conn.is_closed():
+            await self.conn.close()
+
+
+@pytest.fixture
+async def vouchers_locked(db_url: str) -> AsyncIterator[HeldLock]:
+    """``LOCK TABLE vouchers IN SHARE MODE`` held by the test: reads go on, a persister's
+    INSERT of a batch waits for it (after the read, before the commit) until released."""
+    conn = await asyncpg.connect(db_url)
+    lock = HeldLock(conn)
+    try:
+        await conn.execute("BEGIN; LOCK TABLE vouchers IN SHARE MODE")
+        yield lock
+    finally:
+        await lock.release()
+
+
+async def wait_insert_blocked(pg: asyncpg.Connection, table: str, timeout_s: float = 20.0) -> None:
+    """Until some session's INSERT into ``table`` waits for a lock (seen by PostgreSQL)."""
+    deadline = time.monotonic() + timeout_s
+    while not await pg.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+        " AND wait_event_type = 'Lock' AND query ILIKE $1",
+        f"%INSERT INTO {table} %",
+    ):
+        assert time.monotonic() < deadline, f"no INSERT into {table} waiting for its lock"
+        await asyncio.sleep(0.05)
+
+
+def sigstop(proc: subprocess.Popen[bytes]) -> None:
+    """Stop a process (SIGSTOP) and return once the kernel says it is stopped."""
+    proc.send_signal(signal.SIGSTOP)
+    stat = Path(f"/proc/{proc.pid}/stat")
+    deadline = time.monotonic() + 5
+    # The state follows the command name, which is in parentheses.
+    while stat.read_text().rsplit(")", 1)[1].split()[0] != "T":
+        assert time.monotonic() < deadline, f"process {proc.pid} did not stop"
+        time.sleep(0.01)
+
+
 @asynccontextmanager
 async def running_persister(settings: Settings, name: str = "inproc-0") -> AsyncIterator[Persister]:
     """A persister in this event loop (stopped at exit)."""

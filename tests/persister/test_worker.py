@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 import asyncpg
 
@@ -13,9 +15,18 @@ from engine.deals import cancel_deal, create_deal
 from engine.keys import STREAM_GROUP, consumer_lease_key
 from engine.settings import Settings
 from engine.store import Store
+from flashsale.embedded import EmbeddedRedis
 from persister.leases import lease_consumer_name
 from tests.helpers import new_deal
-from tests.persister.conftest import PersisterProcess, running_persister, wait_caught_up
+from tests.persister.conftest import (
+    SECRET,
+    HeldLock,
+    PersisterProcess,
+    running_persister,
+    sigstop,
+    wait_caught_up,
+    wait_insert_blocked,
+)
 
 
 async def _claim_many(store: Store, deal_ids: list[str], users: int) -> dict[str, str]:
@@ -83,47 +94,80 @@ async def test_poisoned_entries_go_to_dead_letters_and_the_rest_lands(
     assert (await pstore.client.xpending(k.events, STREAM_GROUP))["pending"] == 0
 
 
+async def _wait_vouchers(pg: asyncpg.Connection, n: int, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while await pg.fetchval("SELECT count(*) FROM vouchers") < n:
+        assert time.monotonic() < deadline, f"fewer than {n} vouchers committed"
+        await asyncio.sleep(0.05)
+
+
 async def test_killed_after_commit_before_ack_writes_nothing_twice(
-    psettings: Settings,
-    pstore: Store,
+    own_redis: EmbeddedRedis,
+    db_url: str,
+    tmp_path: Path,
     pg: asyncpg.Connection,
+    vouchers_locked: HeldLock,
     spawn_persister: Callable[..., PersisterProcess],
 ) -> None:
-    """SIGKILL between the commit and the XACK: the restart re-writes the batch idempotently."""
-    deal = await create_deal(pstore, new_deal(50))
-    issued = await _claim_many(pstore, [deal.id], 50)
-    p = spawn_persister(
-        psettings, FLASHSALE_PERSISTER_NAME="p-a", FLASHSALE_PERSISTER_PAUSE_AT="after_commit"
-    )
-    await p.wait_for_output("persister paused at after_commit")
-    assert len(await _vouchers(pg)) == 50  # committed...
-    k = pstore.keys.for_deal(deal.id)
-    assert (await pstore.client.xpending(k.events, STREAM_GROUP))["pending"] == 51  # ...not acked
-    p.kill()
-    again = spawn_persister(psettings, FLASHSALE_PERSISTER_NAME="p-a")
-    await wait_caught_up(pstore)
-    assert again.proc.poll() is None
-    assert await _vouchers(pg) == issued
-    assert await pg.fetchval("SELECT count(*) FROM dead_letters") == 0
-    assert await pg.fetchval("SELECT count(*) FROM parked_vouchers") == 0
-    assert again.terminate() == 0
+    """SIGKILL between the commit and the XACK: the restart re-writes the batch idempotently.
+
+    The batch's INSERT waits on the test's lock while Redis is SIGSTOPped; released, the
+    commit lands and the XACK cannot. Redis is then SIGKILLed as well (resumed, it would
+    run the XACKs waiting in its sockets) and restarted from its AOF.
+    """
+    settings = Settings(redis_url=own_redis.url, database_url=db_url, partitions=4,
+                        data_dir=tmp_path, auth_secret=SECRET)  # fmt: skip
+    store = await Store.connect(settings)
+    try:
+        deal = await create_deal(store, new_deal(50))
+        issued = await _claim_many(store, [deal.id], 50)
+        p = spawn_persister(settings, FLASHSALE_PERSISTER_NAME="p-a")
+        await wait_insert_blocked(pg, "vouchers")  # the batch is read, not committed
+        assert own_redis.proc is not None
+        sigstop(own_redis.proc)
+        await vouchers_locked.release()
+        await _wait_vouchers(pg, 50)  # committed...
+        p.kill()
+        own_redis.stop(kill=True)
+        own_redis.start()  # same port, same AOF
+        for _ in range(200):  # accepting connections, maybe still loading the AOF
+            if (await store.client.info("persistence")).get("loading") == 0:
+                break
+            await asyncio.sleep(0.05)
+        k = store.keys.for_deal(deal.id)
+        pending = await store.client.xpending(k.events, STREAM_GROUP)
+        assert pending["pending"] == 51  # ...and not acknowledged
+        assert [(c["name"], c["pending"]) for c in pending["consumers"]] == [("p-a", 51)]
+        again = spawn_persister(settings, FLASHSALE_PERSISTER_NAME="p-a")
+        await wait_caught_up(store)
+        assert again.proc.poll() is None
+        assert await _vouchers(pg) == issued
+        assert await pg.fetchval("SELECT count(*) FROM dead_letters") == 0
+        assert await pg.fetchval("SELECT count(*) FROM parked_vouchers") == 0
+        assert again.terminate() == 0
+    finally:
+        await store.close()
 
 
 async def test_killed_after_read_before_commit_loses_nothing(
     psettings: Settings,
     pstore: Store,
     pg: asyncpg.Connection,
+    vouchers_locked: HeldLock,
     spawn_persister: Callable[..., PersisterProcess],
 ) -> None:
-    """SIGKILL between the read and the commit: the entries stay pending and land on restart."""
+    """SIGKILL between the read and the commit (its INSERT waiting on the test's lock):
+    the entries stay pending to its name and land on restart."""
     deal = await create_deal(pstore, new_deal(40))
     issued = await _claim_many(pstore, [deal.id], 40)
-    p = spawn_persister(
-        psettings, FLASHSALE_PERSISTER_NAME="p-b", FLASHSALE_PERSISTER_PAUSE_AT="after_read"
-    )
-    await p.wait_for_output("persister paused at after_read")
-    assert await _vouchers(pg) == {}
+    p = spawn_persister(psettings, FLASHSALE_PERSISTER_NAME="p-b")
+    await wait_insert_blocked(pg, "vouchers")
     p.kill()
+    await vouchers_locked.release()
+    assert await _vouchers(pg) == {}
+    k = pstore.keys.for_deal(deal.id)
+    pending = await pstore.client.xpending(k.events, STREAM_GROUP)
+    assert [(c["name"], c["pending"]) for c in pending["consumers"]] == [("p-b", 41)]
     again = spawn_persister(psettings, FLASHSALE_PERSISTER_NAME="p-b")
     await wait_caught_up(pstore)
     assert await _vouchers(pg) == issued
@@ -166,15 +210,16 @@ async def test_a_dead_consumers_entries_are_reclaimed_by_another(
     psettings: Settings,
     pstore: Store,
     pg: asyncpg.Connection,
+    vouchers_locked: HeldLock,
     spawn_persister: Callable[..., PersisterProcess],
 ) -> None:
-    """A persister killed holding entries, never restarted: XAUTOCLAIM hands them over."""
+    """A persister killed holding entries, never restarted: another reclaims them."""
     deal = await create_deal(pstore, new_deal(30))
     issued = await _claim_many(pstore, [deal.id], 30)
-    dead = spawn_persister(psettings, FLASHSALE_PERSISTER_NAME="gone",
-                           FLASHSALE_PERSISTER_PAUSE_AT="after_read")  # fmt: skip
-    await dead.wait_for_output("persister paused at after_read")
+    dead = spawn_persister(psettings, FLASHSALE_PERSISTER_NAME="gone")
+    await wait_insert_blocked(pg, "vouchers")  # read, not committed
     dead.kill()
+    await vouchers_locked.release()
     other = spawn_persister(psettings, FLASHSALE_PERSISTER_NAME="other",
                             FLASHSALE_PERSISTER_CLAIM_IDLE_S="1")  # fmt: skip
     await wait_caught_up(pstore, 30)
