@@ -128,6 +128,7 @@ def create_deal(url: str, inventory: int) -> str:
 
 
 Answer = tuple[str, int, Any]  # (user, status, JSON body or the raw text if not JSON)
+CUT = 0  # the status of an answer cut short when its API process was killed mid-response
 
 
 async def claim_all(url: str, deal: str, users: list[str], on_answer: Any = None) -> list[Answer]:
@@ -138,15 +139,20 @@ async def claim_all(url: str, deal: str, users: list[str], on_answer: Any = None
 
         async def one(user: str) -> Answer:
             headers = {"Authorization": f"Bearer {mint(SECRET, user, 'user')}"}
-            async with session.post(f"/v1/deals/{deal}/claims", headers=headers) as r:
-                text = await r.read()
-                try:
-                    body: Any = orjson.loads(text)
-                except orjson.JSONDecodeError:
-                    body = text.decode(errors="replace")
-                if on_answer is not None:
-                    on_answer()
-                return user, r.status, body
+            try:
+                async with session.post(f"/v1/deals/{deal}/claims", headers=headers) as r:
+                    status, text = r.status, await r.read()
+            except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError) as exc:
+                # The killed process had sent the head of its answer, not the body: nginx
+                # can only cut the response short. The claim may have landed; a retry says.
+                status, text = CUT, repr(exc).encode()
+            try:
+                body: Any = orjson.loads(text)
+            except orjson.JSONDecodeError:
+                body = text.decode(errors="replace")
+            if on_answer is not None:
+                on_answer()
+            return user, status, body
 
         return await asyncio.gather(*(one(u) for u in users))
 
@@ -196,13 +202,14 @@ def test_race_through_nginx_over_three_api_processes_survives_one_killed(
     answers, victim = run_race(stack, deal)
     assert victim.proc is not None and victim.proc.poll() is not None, "the victim still runs"
 
-    failed = [(user, status, body) for user, status, body in answers if status >= 500]
+    failed = [(user, status, body) for user, status, body in answers if status in (CUT, 502)]
     # Only requests in flight on the killed process can fail: at most the client's
-    # concurrency, each a 502 from nginx in the API's JSON error shape.
+    # concurrency, each a 502 from nginx in the API's JSON error shape, or an answer cut
+    # short after its head had left the process.
     assert len(failed) <= CONCURRENCY, failed[:5]
     for _, status, body in failed:
-        assert status == 502 and body["error"]["code"] == "bad_gateway", body
-    others = {status for _, status, _ in answers if status < 500}
+        assert status == CUT or body["error"]["code"] == "bad_gateway", body
+    others = {status for _, status, _ in answers if status not in (CUT, 502)}
     assert others <= {201, 409}, others
     refused = {body["error"]["code"] for _, status, body in answers if status == 409}
     assert refused <= {"sold_out"}
