@@ -69,7 +69,7 @@ def test_scheme_is_case_insensitive() -> None:
         pytest.param(jwt.encode(GOOD, SECRET * 2, "HS512"), id="HS512 by pyjwt"),
     ],
 )
-def test_refused(token: str) -> None:
+def test_a_malformed_forged_or_expired_caller_token_is_refused(token: str) -> None:
     with pytest.raises(Unauthenticated):
         Authenticator(SECRET).caller("Bearer " + token)
 

@@ -7,7 +7,7 @@ import httpx
 from tests.api.conftest import RunningApi
 
 
-def test_healthz(client: httpx.Client) -> None:
+def test_healthz_answers_ok_while_the_process_is_up(client: httpx.Client) -> None:
     r = client.get("/healthz")
     assert r.status_code == 200 and r.json() == {"status": "ok"}
 

@@ -97,7 +97,9 @@ async def test_cancelled_deal_leaves_the_geo_index(store: Store) -> None:
         (100, 5, False, "active"),
     ],
 )
-def test_status_rule(now: int, left: int, cancelled: bool, expected: str) -> None:
+def test_status_is_cancelled_then_ended_then_scheduled_then_sold_out_then_active(
+    now: int, left: int, cancelled: bool, expected: str
+) -> None:
     """cancelled > ended > scheduled > sold_out > active; starts inclusive, ends exclusive."""
     assert deal_status(now, 50, 200, left, cancelled) == expected
 

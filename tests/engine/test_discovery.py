@@ -234,7 +234,9 @@ async def test_antimeridian_deals_on_both_sides_are_found(
             assert n.distance_km < 2.2
 
 
-async def test_edges_of_the_geo_band(store: Store, discover: Callable[..., Discovery]) -> None:
+async def test_deals_and_callers_at_the_edges_of_the_geo_band_are_served(
+    store: Store, discover: Callable[..., Discovery]
+) -> None:
     """Deals and callers at +-85.05112878 (the band a geo index holds) are served."""
     north = await place(store, LAT_MAX, 10.0, "active")
     north_near = await place(store, LAT_MAX - 0.01, 10.05, "active")

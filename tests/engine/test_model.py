@@ -147,7 +147,7 @@ class ClaimMachine(RuleBasedStateMachine):
             assert {u: v.split("|")[0] for u, v in holders.items()} == m.holders
 
 
-def test_engine_matches_the_model(settings: Settings) -> None:
+def test_random_interleavings_never_oversell_and_answer_as_the_model(settings: Settings) -> None:
     """Random interleavings never oversell, never double-issue, and always answer as the model."""
     ClaimMachine.settings_for_run = settings
     machine = ClaimMachine.TestCase
