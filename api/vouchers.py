@@ -55,9 +55,17 @@ async def jwks(request: Request) -> Response:
         "Cache-Control": f"public, max-age={JWKS_MAX_AGE_S}",
         "ETag": ring.etag,
     }
-    if request.headers.get("if-none-match") == ring.etag:
+    if _matches(request.headers.get("if-none-match"), ring.etag):
         return Response(status_code=304, headers=headers)
     return Response(ring.jwks_body, media_type="application/json", headers=headers)
+
+
+def _matches(if_none_match: str | None, etag: str) -> bool:
+    """RFC 9110's weak comparison: ``*``, or any listed tag (``W/`` or not) equal to ours."""
+    if not if_none_match:
+        return False
+    tags = [t.strip() for t in if_none_match.split(",")]
+    return "*" in tags or any(t.removeprefix("W/") == etag for t in tags)
 
 
 async def _visible(request: Request, *, holder_only: bool) -> HeldVoucher:

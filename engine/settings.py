@@ -54,6 +54,9 @@ class Settings:
     auth_secret: str | None = None
     data_dir: Path = field(default_factory=lambda: Path(".flashsale"))
     keys_dir: Path | None = None
+    # How long `flashsale keys rotate` publishes a new voucher key before it signs, so
+    # that every till that refreshes its keys within this time holds it (API.md).
+    key_prepublish_s: float = 86_400.0
     # Partitions own one hash tag each; a deal lives in the partition its id hashes to.
     # Changing this on a live dataset moves deals to other keys: pick it once.
     partitions: int = 16
@@ -113,6 +116,7 @@ class Settings:
             )
         retention = env.get("FLASHSALE_STREAM_RETENTION")
         keys_dir = env.get("FLASHSALE_KEYS_DIR")
+        prepublish = env.get("FLASHSALE_KEY_PREPUBLISH")
         return cls(
             metrics_multiproc_dir=env.get("PROMETHEUS_MULTIPROC_DIR") or None,
             redis_url=env.get("FLASHSALE_REDIS_URL") or None,
@@ -121,6 +125,7 @@ class Settings:
             auth_secret=env.get("FLASHSALE_AUTH_SECRET") or None,
             data_dir=Path(env.get("FLASHSALE_DATA_DIR") or ".flashsale"),
             keys_dir=Path(keys_dir) if keys_dir else None,
+            key_prepublish_s=parse_duration_s(prepublish) if prepublish else 86_400.0,
             partitions=_int(env, "FLASHSALE_PARTITIONS", 16, 1, 1024),
             stream_cap=_int(env, "FLASHSALE_STREAM_CAP", 1_000_000, 1, 1_000_000_000),
             stream_retention_s=parse_duration_s(retention) if retention else 3600.0,

@@ -1,166 +1,91 @@
 """Voucher tokens: ES256-signed JWTs a merchant can verify offline.
 
-Keys live as PKCS#8 PEM files (mode 0600) in the keys directory, one per ``kid``; a kid
-starts with its creation time (``k20261124T180000-1a2b3c``), so names sort by age and the
-newest key signs. A key is *retired* when a newer one appears; it stays published in the
-JWKS (and accepted here) until every voucher it may have signed has expired. That moment
-is derived, not stored: a voucher's ``exp`` is at most its claim time + 30 days (the
-longest claim window) + 90 days (the longest redeem period), and the retired key signed
-nothing after its successor's creation time + one reload period. So the directory alone
-is the state, and every API process sharing it agrees on the key set.
+The keys, their states and who signs when are :mod:`engine.keyring`'s business; here a
+:class:`VoucherSigner` keeps the keys directory's :class:`~engine.keyring.KeyRing` fresh
+and signs and verifies with it. A voucher is always served signed by its *own* key (the
+one that signed at its claim, a function of the claim time) while that key is published,
+and re-signed by the current key once it was revoked: so the claim, a retry,
+``GET /v1/vouchers/{id}``, the QR codes and ``/v1/me/vouchers`` all hand out tokens that
+tills which pulled the JWKS since the key's prepublication hold a key for.
 
-Running processes pick up a rotation by calling :meth:`VoucherSigner.reload` every
-:data:`RELOAD_S` seconds (the API's ``vouchers`` lifespan does), well inside 10 seconds.
+Running processes follow the directory by calling :meth:`VoucherSigner.reload` every
+:data:`~engine.keyring.RELOAD_S` seconds (the API's ``vouchers`` lifespan does): a
+rotation, a revocation or a key's scheduled start reaches them well inside 10 seconds.
 """
 
 from __future__ import annotations
 
-import calendar
-import hashlib
-import itertools
+import dataclasses
 import logging
-import os
-import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import orjson
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import (
     decode_dss_signature,
     encode_dss_signature,
 )
-from jwt.algorithms import ECAlgorithm
 
 from engine import base64url
 from engine.claims import Voucher, deal_of_voucher, parse_holder
-from engine.deals import MAX_REDEEM_AFTER_END_MS, MAX_WINDOW_MS, DealHash
+from engine.deals import DealHash
 from engine.errors import InvalidVoucher
+from engine.keyring import (
+    ALGORITHM,
+    MAX_VOUCHER_LIFE_MS,
+    RELOAD_S,
+    RETIRE_SLACK_MS,
+    Key,
+    KeyRing,
+    build_ring,
+    kid_created_ms,
+    load_key,
+    new_kid,
+    read_times,
+    rotate_key,
+)
 from engine.redemptions import parse_redemption
 from engine.store import Store
 from engine.times import to_rfc3339
+
+# Re-exported: callers that sign and verify need only this module.
+__all__ = [
+    "ALGORITHM",
+    "ISSUER",
+    "MAX_TOKEN_CHARS",
+    "MAX_VOUCHER_LIFE_MS",
+    "RELOAD_S",
+    "RETIRE_SLACK_MS",
+    "TOKEN_TYPE",
+    "HeldVoucher",
+    "KeyRing",
+    "VoucherSigner",
+    "VoucherToken",
+    "kid_created_ms",
+    "new_kid",
+    "read_voucher",
+    "rotate_key",
+    "verify_token",
+    "voucher_json",
+]
 
 log = logging.getLogger(__name__)
 
 ISSUER = "flashsale"
 TOKEN_TYPE = "vch+jwt"
-ALGORITHM = "ES256"
 
-# How often running processes look at the keys directory (rotation reaches them within it).
-RELOAD_S = 2.0
-# The longest a voucher can live after its claim: 30 days of claim window + 90 of redeeming.
-MAX_VOUCHER_LIFE_MS = MAX_WINDOW_MS + MAX_REDEEM_AFTER_END_MS
-# Slack on a retired key's last signature: processes that have not reloaded yet, and clock
-# skew between the host that rotated and the hosts that sign.
-RETIRE_SLACK_MS = 3_600_000
 # Served tokens are small; anything longer is not one of ours (and is refused unparsed).
 MAX_TOKEN_CHARS = 2048
 MAX_ID_CHARS = 128  # aud, sub, jti, deal
 MAX_TIME_S = 253_402_300_799  # iat, exp: 9999-12-31T23:59:59Z, the last RFC 3339 second
 
-_KID_RE = re.compile(r"^k(\d{8}T\d{6})(?:\.(\d{3}))?-[0-9a-f]{6,32}$")
 _ECDSA = ec.ECDSA(hashes.SHA256())
 _REQUIRED_CLAIMS = ("iss", "aud", "sub", "jti", "deal", "iat", "exp")
-
-
-def new_kid(after_ms: int = 0) -> str:
-    """A key id naming its creation time (ms), later than ``after_ms``; sorts by age."""
-    ms = max(time.time_ns() // 1_000_000, after_ms + 1)
-    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(ms // 1000))
-    return f"k{stamp}.{ms % 1000:03d}-{os.urandom(3).hex()}"
-
-
-def kid_created_ms(kid: str) -> int | None:
-    """The creation time a kid names, or ``None`` if it does not follow the pattern."""
-    match = _KID_RE.match(kid)
-    if not match:
-        return None
-    seconds = calendar.timegm(time.strptime(match.group(1), "%Y%m%dT%H%M%S"))
-    return seconds * 1000 + int(match.group(2) or 0)
-
-
-def rotate_key(keys_dir: Path) -> str:
-    """Write a new P-256 signing key (mode 0600) into ``keys_dir``; return its kid."""
-    keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    # The new key must be the newest even if the clock is behind the last rotation's host.
-    existing = [kid_created_ms(p.stem) or 0 for p in keys_dir.glob("k*.pem")]
-    kid = new_kid(max(existing, default=0))
-    key = ec.generate_private_key(ec.SECP256R1())
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    tmp = keys_dir / f".{kid}.pem.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(pem)
-        f.flush()
-        os.fsync(f.fileno())
-    # Atomic: a reloading process sees either no file or the whole key.
-    tmp.rename(keys_dir / f"{kid}.pem")
-    return kid
-
-
-@dataclass(frozen=True, slots=True)
-class _Key:
-    kid: str
-    created_ms: int
-    private: ec.EllipticCurvePrivateKey
-    public: ec.EllipticCurvePublicKey
-    jwk: dict[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class KeyRing:
-    """One consistent view of the keys directory: who signs, who may still verify.
-
-    Immutable, so a reload swaps it in one assignment and a request never sees half of it.
-    """
-
-    signing: _Key
-    published: dict[str, _Key]
-    jwks_body: bytes
-    etag: str
-    built_ms: int
-    retire_at_ms: dict[str, int] = field(default_factory=dict)
-
-
-def _load_key(path: Path, kid: str) -> _Key:
-    if path.stat().st_mode & 0o077:
-        log.warning("signing key %s is readable by group or others; chmod 600 it", path.name)
-    private = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    if not isinstance(private, ec.EllipticCurvePrivateKey) or private.curve.name != "secp256r1":
-        raise ValueError(f"{path.name} is not a P-256 private key")
-    public = private.public_key()
-    jwk = ECAlgorithm.to_jwk(public, as_dict=True)
-    jwk.update({"kid": kid, "use": "sig", "alg": ALGORITHM})
-    created = kid_created_ms(kid)
-    if created is None:
-        created = int(path.stat().st_mtime * 1000)
-    return _Key(kid, created, private, public, jwk)
-
-
-def build_ring(keys: list[_Key], now_ms: int) -> KeyRing:
-    """Choose the signer (newest) and the keys still published at ``now_ms``."""
-    keys = sorted(keys, key=lambda k: (k.created_ms, k.kid))
-    published: dict[str, _Key] = {}
-    retire_at: dict[str, int] = {}
-    for older, newer in itertools.pairwise(keys):
-        # The last voucher `older` can have signed expires by this time.
-        until = newer.created_ms + RETIRE_SLACK_MS + MAX_VOUCHER_LIFE_MS
-        retire_at[older.kid] = until
-        if now_ms <= until:
-            published[older.kid] = older
-    signing = keys[-1]
-    published[signing.kid] = signing
-    body = orjson.dumps({"keys": [k.jwk for k in published.values()]})
-    etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
-    return KeyRing(signing, published, body, etag, now_ms, retire_at)
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,61 +102,88 @@ class VoucherToken:
 
 
 class VoucherSigner:
-    """Signs vouchers with the newest key and verifies them with every published one."""
+    """Signs each voucher with its own key and verifies with every published one."""
 
     def __init__(self, keys_dir: Path) -> None:
         self.keys_dir = keys_dir
-        self._loaded: dict[str, _Key] = {}
-        self._listing: tuple[str, ...] = ()
+        self._loaded: dict[str, Key] = {}
+        self._listing: tuple[tuple[str, int, int, int], ...] = ()
         self._header_b64: dict[str, bytes] = {}
         self.ring: KeyRing
         self.reload()
 
     def reload(self, now_ms: int | None = None) -> bool:
-        """Look at the keys directory again (creating a first key if it is empty).
+        """Look at the keys directory again (writing a key that signs at once if none does).
 
-        Returns whether the signing key changed. Cheap when nothing changed: one listing.
+        Returns whether the key that signs now changed. Cheap when nothing changed and no
+        key's scheduled change is due: one listing and a ``stat`` per file.
         """
-        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-        names = self._list()
-        if not names:
-            rotate_key(self.keys_dir)
-            names = self._list()
+        now_ms = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+        listing = self._list()
         before = getattr(self, "ring", None)
-        if names == self._listing and before is not None:
-            upcoming = [t for t in before.retire_at_ms.values() if t >= before.built_ms]
-            if not upcoming or min(upcoming) >= now_ms:
-                return False  # same files, and no published key has passed its retirement
-        loaded: dict[str, _Key] = {}
-        for name in names:
-            kid = name[:-4]
-            key = self._loaded.get(kid)
-            if key is None:
-                try:
-                    key = _load_key(self.keys_dir / name, kid)
-                except (OSError, ValueError, TypeError) as exc:
-                    log.error("cannot load signing key %s: %s", name, exc)
-                    continue
-            loaded[kid] = key
-        if not loaded:
-            raise RuntimeError(f"no usable signing key in {self.keys_dir}")
-        self._loaded = loaded
-        self._listing = names
-        self.ring = build_ring(list(loaded.values()), now_ms)
-        changed = before is None or before.signing.kid != self.ring.signing.kid
+        if listing == self._listing and before is not None:
+            due = before.valid_until_ms
+            if due is None or now_ms < due:
+                return False
+        ring = self._build(listing, now_ms)
+        if ring is None:
+            # An empty directory, or every key revoked or not yet signing: a key must sign.
+            kid = rotate_key(self.keys_dir)
+            if any(name.endswith(".pem") for name, *_ in listing):
+                log.warning("no key signs now in %s: wrote %s, signing at once", self.keys_dir, kid)
+            else:
+                log.info("wrote a first signing key %s into %s", kid, self.keys_dir)
+            listing = self._list()
+            # The new key was created after now_ms was read: judge from its creation on.
+            now_ms = max(now_ms, kid_created_ms(kid) or 0)
+            ring = self._build(listing, now_ms)
+            if ring is None:
+                raise RuntimeError(f"no usable signing key in {self.keys_dir}")
+        self._listing = listing
+        self.ring = ring
+        changed = before is None or before.signing.kid != ring.signing.kid
         if changed:
-            log.info("vouchers are now signed with key %s", self.ring.signing.kid)
+            log.info("vouchers are now signed with key %s", ring.signing.kid)
         return changed
 
-    def _list(self) -> tuple[str, ...]:
+    def _build(self, listing: tuple[tuple[str, int, int, int], ...], now_ms: int) -> KeyRing | None:
+        loaded: dict[str, Key] = {}
+        for name, *_stat in listing:
+            if not name.endswith(".pem"):
+                continue
+            kid = name[:-4]
+            try:
+                key = self._loaded.get(kid)
+                if key is None:
+                    key = load_key(self.keys_dir, kid)
+                else:  # the key pair never changes; its schedule may (a revocation)
+                    key = dataclasses.replace(key, times=read_times(self.keys_dir, kid))
+            except (OSError, ValueError, TypeError) as exc:
+                log.error("cannot load signing key %s: %s", name, exc)
+                continue
+            loaded[kid] = key
+        self._loaded = loaded
+        return build_ring(list(loaded.values()), now_ms) if loaded else None
+
+    def _list(self) -> tuple[tuple[str, int, int, int], ...]:
+        """Each key and schedule file with what changes when it is replaced."""
         if not self.keys_dir.exists():
             return ()
-        return tuple(sorted(p.name for p in self.keys_dir.glob("k*.pem")))
+        out = []
+        for path in self.keys_dir.glob("k*"):
+            if path.suffix not in (".pem", ".json"):
+                continue
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                continue
+            out.append((path.name, st.st_mtime_ns, st.st_size, st.st_ino))
+        return tuple(sorted(out))
 
     @property
     def kid(self) -> str:
         """The kid that signs now."""
-        return self.ring.signing.kid
+        return self.ring.current(time.time_ns() // 1_000_000).kid
 
     def _header(self, kid: str) -> bytes:
         h = self._header_b64.get(kid)
@@ -242,8 +194,11 @@ class VoucherSigner:
         return h
 
     def sign(self, voucher: Voucher) -> str:
-        """The compact JWS of a voucher (built by hand: half the cost of ``jwt.encode``)."""
-        key = self.ring.signing
+        """The compact JWS of a voucher (built by hand: half the cost of ``jwt.encode``).
+
+        Signed by the voucher's own key while it is published, else by the current key.
+        """
+        key = self.ring.key_for(voucher.claimed_at_ms, time.time_ns() // 1_000_000)
         payload = {
             "iss": ISSUER,
             "aud": voucher.merchant_id,

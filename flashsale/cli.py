@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from engine.errors import StartupError
 from engine.settings import SettingsError, parse_duration_s
+from flashsale.keys import add_commands as add_keys_commands
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -50,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
 
     keys = sub.add_parser("keys", help="voucher signing keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
-    keys_sub.add_parser("rotate", help="write a new signing key; API processes pick it up")
+    add_keys_commands(keys_sub)
 
     sub.add_parser("verifier", help="the merchant's offline verifier (see: flashsale verifier -h)",
                    add_help=False)  # fmt: skip
@@ -93,11 +94,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(mint(settings.auth_secret or "", args.sub, args.role, parse_duration_s(args.ttl)))
         return 0
     if args.command == "keys":
-        from engine.vouchers import rotate_key
+        from flashsale import keys
 
-        kid = rotate_key(wiring.resolve().signing_keys_dir)
-        print(f"new signing key {kid}; API processes sign with it within 10 seconds")
-        return 0
+        return keys.run(wiring.resolve(), args)
     import persister.cli as persister_cli
 
     handler = {
