@@ -170,6 +170,23 @@ _SCHEMAS: dict[str, Any] = {
         },
         ["redemption"],
     ),
+    "FeedPage": _obj(
+        {
+            "redemptions": {
+                "type": "array",
+                "items": _obj(
+                    {
+                        "voucher_id": _ID,
+                        "redeemed_at": _TIME,
+                        "device_id": {**_ID, "nullable": True},
+                    },
+                    ["voucher_id", "redeemed_at", "device_id"],
+                ),
+            },
+            "next": {"type": "string"},
+        },
+        ["redemptions", "next"],
+    ),
     "SyncRequest": _obj(
         {
             "device_id": _ID,
@@ -460,7 +477,24 @@ def _paths() -> dict[str, Any]:
                     "200": {"description": "Redeemed", **_json(_ref("Redemption"))},
                     **_errors(400, 401, 403, 409, 413, 422, 503),
                 },
-            }
+            },
+            "get": {
+                "summary": "The caller's accepted redemptions, in the order accepted (merchant)",
+                "description": "Pass `next` back as `after`: it is returned even when the"
+                " page is empty, and a later call with it returns only what came after.",
+                "security": _BEARER,
+                "parameters": [
+                    _query(
+                        "limit",
+                        {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+                    ),
+                    _query("after", {"type": "string"}),
+                ],
+                "responses": {
+                    "200": {"description": "A page of the feed", **_json(_ref("FeedPage"))},
+                    **_errors(401, 403, 422, 503),
+                },
+            },
         },
         "/v1/redemptions/sync": {
             "post": {

@@ -1,4 +1,5 @@
-"""Voucher routes: JWKS, a voucher and its QR code, online redemption, offline sync."""
+"""Voucher routes: JWKS, a voucher and its QR code, online redemption, offline sync, and
+the redemptions feed."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from starlette.routing import Route
 
 from api.app import background, services
 from api.jsonio import json, read_json_object
-from api.validation import Fields, valid_id
-from engine import redemptions
+from api.validation import Fields, query_int, valid_id
+from engine import feed, redemptions
 from engine.errors import InvalidRequest, VoucherNotFound
 from engine.vouchers import MAX_TOKEN_CHARS, RELOAD_S, HeldVoucher, read_voucher, voucher_json
 
@@ -144,11 +145,38 @@ async def sync(request: Request) -> Response:
     return json({"results": results})
 
 
+async def redemptions_feed(request: Request) -> Response:
+    """The caller's accepted redemptions after ``after``, in order (engine/feed.py)."""
+    svc = services(request)
+    caller = svc.auth.require(request.headers.get("authorization"), "merchant")
+    params = request.query_params
+    problems: dict[str, str] = {}
+    limit = query_int(
+        params, "limit", problems, default=feed.DEFAULT_LIMIT, low=1, high=feed.MAX_LIMIT
+    )
+    partitions = svc.store.keys.partitions
+    after = feed.Cursor.start(partitions)
+    raw = params.get("after")
+    if raw:
+        try:
+            after = feed.Cursor.decode(raw, partitions)
+        except ValueError:
+            problems["after"] = "not a cursor this server returned"
+    if problems:
+        raise InvalidRequest(f"Invalid fields: {', '.join(sorted(problems))}.", fields=problems)
+    assert limit is not None
+    page = await feed.read_page(svc.store, caller.id, after, limit)
+    return json(
+        {"redemptions": [item.to_json() for item in page.items], "next": page.next.encode()}
+    )
+
+
 routes = [
     Route("/.well-known/jwks.json", jwks, methods=["GET"]),
     Route("/v1/vouchers/{voucher_id}", read, methods=["GET"]),
     Route("/v1/vouchers/{voucher_id}/qr.svg", qr_svg, methods=["GET"]),
     Route("/v1/vouchers/{voucher_id}/qr.png", qr_png, methods=["GET"]),
     Route("/v1/redemptions", redeem, methods=["POST"]),
+    Route("/v1/redemptions", redemptions_feed, methods=["GET"]),
     Route("/v1/redemptions/sync", sync, methods=["POST"]),
 ]

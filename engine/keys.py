@@ -98,3 +98,13 @@ def sync_entries_key(merchant_id: str) -> str:
     name match another pattern (``deal_pattern``) or pick a hash tag.
     """
     return f"{PREFIX}:sync:{merchant_id.encode().hex()}"
+
+
+def merchant_feed_key(partition: int, merchant_id: str) -> str:
+    """A merchant's accepted redemptions of vouchers in one partition (a stream).
+
+    In the partition's slot, so that ``redeem_voucher.lua`` appends to it in the same call
+    that accepts the redemption; ``engine/feed.py`` merges a merchant's ``P`` streams. The
+    id is hex-encoded, as in :func:`sync_entries_key`.
+    """
+    return f"{PREFIX}:{tag(partition)}:merchant-redemptions:{merchant_id.encode().hex()}"

@@ -26,13 +26,14 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from engine import feed
 from engine.errors import (
     AlreadyRedeemed,
     BacklogFull,
     InvalidVoucher,
     NotYourVoucher,
 )
-from engine.keys import sync_entries_key
+from engine.keys import merchant_feed_key, sync_entries_key
 from engine.store import Store
 from engine.times import parse_rfc3339, to_rfc3339
 
@@ -98,7 +99,13 @@ async def _run(
     drift_ms = 0 if at_ms is None else store.settings.device_clock_drift_ms
     outcome, at, first_at = await store.run(
         "redeem_voucher",
-        (k.redemptions, k.vouchers, k.claimers, k.events),
+        (
+            k.redemptions,
+            k.vouchers,
+            k.claimers,
+            k.events,
+            merchant_feed_key(k.partition, merchant_id),
+        ),
         (
             verified.voucher_id,
             verified.deal_id,
@@ -110,6 +117,8 @@ async def _run(
             verified.expires_at_s * 1000,
             drift_ms,
             store.settings.stream_cap,
+            feed.RETENTION_MS,
+            feed.MIN_TTL_MS,
         ),
     )
     if outcome == "backlog_full":

@@ -532,6 +532,10 @@ class Pipeline:
     def zrem(self, key: str, *members: str) -> None:
         self._pipe.zrem(key, *members)
 
+    def xrange(self, key: str, start: str, end: str, *, count: int) -> None:
+        """``XRANGE key start end COUNT count``: ``[(id, fields)]``, oldest first."""
+        self._pipe.xrange(key, min=start, max=end, count=count)
+
     def ack(self, key: str, group: str, ids: Sequence[str]) -> None:
         """``XACK``."""
         self._pipe.xack(key, group, *ids)

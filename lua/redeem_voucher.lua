@@ -5,6 +5,7 @@
 -- KEYS[2]  vouchers hash        fs:{pNN}:vouchers:<deal>  voucher id -> user id
 -- KEYS[3]  claimers hash        fs:{pNN}:claimers:<deal>  user id -> "voucher|seq|claimed_at_ms"
 -- KEYS[4]  partition stream     fs:{pNN}:events
+-- KEYS[5]  merchant feed        fs:{pNN}:merchant-redemptions:<merchant hex>  (a stream)
 -- ARGV[1]  voucher id (the token's jti, already verified)
 -- ARGV[2]  deal id
 -- ARGV[3]  user id (the token's sub)
@@ -16,11 +17,19 @@
 -- ARGV[9]  allowed device clock drift, ms, either way: a time later than now + drift, or
 --          earlier than the voucher's claim - drift, is implausible (0 online)
 -- ARGV[10] stream cap (entries)
+-- ARGV[11] feed retention, ms: entries accepted longer ago than this are trimmed
+-- ARGV[12] feed minimum time to live, ms (see below)
 --
 -- Redemptions hash value: "<at_ms>|<device>|<entry>|<merchant>". device and entry are
 -- URL-safe ids without '|' (or empty for online); merchant goes last because a caller id
 -- may hold any character. PostgreSQL's redemptions row (redeemed_at, device_id, entry_id,
 -- merchant_id) restores it.
+--
+-- Feed entry (each first accepted redemption, nothing else; engine/feed.py feed_fields):
+--   voucher <id>  at <redeemed at, ms>  device <device id, '' online>
+-- The feed stream expires when the last voucher it names does (but never sooner than
+-- ARGV[12] from now: an offline redemption synced after its voucher expired must not
+-- delete the stream).
 --
 -- Returns {outcome, at_ms, first_at_ms}; outcome is
 --   'accepted'       the first redemption (at_ms = first_at_ms = its time), or the same
@@ -89,4 +98,10 @@ redis.call('HSET', KEYS[1], ARGV[1], at .. '|' .. ARGV[5] .. '|' .. ARGV[6] .. '
 redis.call('XADD', KEYS[4], '*',
   'type', 'redeem', 'deal', ARGV[2], 'voucher', ARGV[1], 'merchant', ARGV[4],
   'at', at, 'device', ARGV[5], 'entry', ARGV[6])
+redis.call('XADD', KEYS[5], 'MINID', '~', now - tonumber(ARGV[11]), '*',
+  'voucher', ARGV[1], 'at', at, 'device', ARGV[5])
+local keep_until = math.max(tonumber(ARGV[8]), now + tonumber(ARGV[12]))
+if redis.call('PEXPIREAT', KEYS[5], keep_until, 'NX') == 0 then
+  redis.call('PEXPIREAT', KEYS[5], keep_until, 'GT')
+end
 return {'accepted', at, at}

@@ -252,6 +252,7 @@ GETS: dict[str, tuple[str | None, dict[str, str], int]] = {
     "/v1/vouchers/{voucher_id}/qr.svg": ("user", {}, 200),
     "/v1/vouchers/{voucher_id}/qr.png": ("user", {}, 200),
     "/v1/me/vouchers": ("user", {"limit": "5"}, 200),
+    "/v1/redemptions": ("merchant", {"limit": "5"}, 200),
     "/.well-known/jwks.json": (None, {}, 200),
     "/healthz": (None, {}, 200),
     "/readyz": (None, {}, 200),
