@@ -3,8 +3,14 @@
 Exit codes:
   pull-keys  0 keys cached; 1 the server answered with something unusable; 3 unreachable
   check      0 accepted; 1 rejected (the reason is printed); 2 usage error or no cached keys
-  sync       0 the server answered the upload; 1 it refused it (e.g. the token);
-             2 the token names no merchant (no readable ``sub``); 3 unreachable
+  sync       0 the server answered the upload, the keys and the feed; 1 it refused one
+             of them (e.g. the token); 2 the token names no merchant (no readable ``sub``);
+             3 unreachable
+
+``sync`` uploads the log, refreshes the cached keys, then reads the merchant's redemptions
+feed (``GET /v1/redemptions``) from the cursor kept in the state, so that ``check`` refuses
+offline what the merchant's other tills (or the online API) redeemed. Even with nothing to
+upload it refreshes the keys and reads the feed (so a refused token fails it).
   any        2 the state directory cannot be made private to its owner (see state.py)
 """
 
@@ -15,6 +21,7 @@ import json
 import sqlite3
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections import Counter
 from datetime import UTC, datetime
@@ -30,6 +37,9 @@ EXIT_OK, EXIT_REJECTED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 SYNC_BATCH = 1000  # the server takes at most 1000 entries per upload
 HTTP_TIMEOUT_S = 30.0
 STATUSES = ("accepted", "duplicate", "conflict", "rejected")
+FEED_PAGE = 1000  # the most the server gives per page
+# A till catching up reads at most this many pages per sync; the rest comes next time.
+FEED_MAX_PAGES = 100
 
 
 class _Parser(argparse.ArgumentParser):
@@ -106,7 +116,8 @@ def _request(req: urllib.request.Request) -> tuple[int, bytes]:
         return int(exc.code), exc.read()
 
 
-def pull_keys(state: State, server: str) -> int:
+def _refresh_keys(state: State, server: str) -> tuple[int, int]:
+    """Download and cache the JWKS: (exit code, keys cached); prints why on failure."""
     req = urllib.request.Request(
         _url(server, "/.well-known/jwks.json"), headers={"Accept": "application/json"}
     )
@@ -114,19 +125,26 @@ def pull_keys(state: State, server: str) -> int:
         status, body = _request(req)
     except (OSError, ValueError) as exc:
         print(f"cannot reach {server}: {exc}", file=sys.stderr)
-        return EXIT_UNREACHABLE
+        return EXIT_UNREACHABLE, 0
     if status != 200:
         print(f"the server answered {status}; keys not updated", file=sys.stderr)
-        return EXIT_REJECTED
+        return EXIT_REJECTED, 0
     try:
         document = json.loads(body)
         keys = load_jwks(document)
     except ValueError as exc:
         print(f"the server's JWKS is unusable ({exc}); keys not updated", file=sys.stderr)
-        return EXIT_REJECTED
+        return EXIT_REJECTED, 0
     state.save_jwks(document)
-    print(f"cached {len(keys)} key(s): {', '.join(sorted(keys))}")
-    return EXIT_OK
+    return EXIT_OK, len(keys)
+
+
+def pull_keys(state: State, server: str) -> int:
+    code, _n = _refresh_keys(state, server)
+    if code == EXIT_OK:
+        keys = load_jwks(state.load_jwks())
+        print(f"cached {len(keys)} key(s): {', '.join(sorted(keys))}")
+    return code
 
 
 def check(state: State, token: str, merchant_id: str) -> int:
@@ -144,13 +162,20 @@ def check(state: State, token: str, merchant_id: str) -> int:
     except Rejected as exc:
         print(f"rejected: {exc.reason}")
         return EXIT_REJECTED
-    entry_id = state.record(voucher.voucher_id, merchant_id, token.strip(), _now())
-    if entry_id is None:
-        at = state.redeemed_at(voucher.voucher_id, merchant_id)
-        print(f"rejected: already redeemed here at {at}")
-        return EXIT_REJECTED
-    print(f"accepted {voucher.voucher_id}")
-    return EXIT_OK
+    here = state.redeemed_at(voucher.voucher_id, merchant_id)
+    if here is None:
+        elsewhere = state.redeemed_elsewhere(voucher.voucher_id, merchant_id)
+        if elsewhere is not None:
+            at, device = elsewhere
+            print(f"rejected: already redeemed on another till ({device or 'online'}) at {at}")
+            return EXIT_REJECTED
+        entry_id = state.record(voucher.voucher_id, merchant_id, token.strip(), _now())
+        if entry_id is not None:
+            print(f"accepted {voucher.voucher_id}")
+            return EXIT_OK
+        here = state.redeemed_at(voucher.voucher_id, merchant_id)  # a racing scan won
+    print(f"rejected: already redeemed here at {here}")
+    return EXIT_REJECTED
 
 
 def _upload(server: str, token: str, body: dict[str, Any]) -> tuple[int, bytes]:
@@ -218,7 +243,67 @@ def sync(state: State, server: str, token: str) -> int:
             break
     for name in STATUSES:
         print(f"{name}: {counts.get(name, 0)}")
+    code, n_keys = _refresh_keys(state, server)
+    if code != EXIT_OK:
+        return code
+    print(f"keys: {n_keys} cached")
+    code, learned = _read_feed(state, server, token, merchant_id, device)
+    if code != EXIT_OK:
+        return code
+    print(f"learned: {learned} redeemed on other tills")
     return EXIT_OK
+
+
+def _read_feed(
+    state: State, server: str, token: str, merchant_id: str, device: str
+) -> tuple[int, int]:
+    """Read the merchant's feed from the kept cursor: (exit code, redemptions learned)."""
+    cursor = state.feed_cursor(merchant_id)
+    learned = 0
+    restarted = False
+    for _ in range(FEED_MAX_PAGES):
+        query = {"limit": str(FEED_PAGE), **({"after": cursor} if cursor else {})}
+        req = urllib.request.Request(
+            _url(server, "/v1/redemptions?" + urllib.parse.urlencode(query)),
+            headers={"Accept": "application/json", "Authorization": f"Bearer {token}"},
+        )
+        try:
+            status, raw = _request(req)
+        except (OSError, ValueError) as exc:
+            print(f"cannot reach {server}: {exc}", file=sys.stderr)
+            return EXIT_UNREACHABLE, learned
+        if status == 422 and cursor and not restarted and _names_field(raw, "after"):
+            # A cursor this server no longer knows (its partitions changed): read it all
+            # again; what was learned before stays learned.
+            cursor, restarted = None, True
+            continue
+        if status != 200:
+            print(f"the server refused the feed ({status}): {_message(raw)}", file=sys.stderr)
+            return EXIT_REJECTED, learned
+        try:
+            body = json.loads(raw)
+            items = [
+                (str(r["voucher_id"]), str(r["redeemed_at"]), r.get("device_id"))
+                for r in body["redemptions"]
+            ]
+            cursor = str(body["next"])
+        except (ValueError, KeyError, TypeError):
+            print("the server's feed is not understood; nothing learned", file=sys.stderr)
+            return EXIT_REJECTED, learned
+        # This till's own redemptions come back too: they are in its log already.
+        others = [(v, at, d if isinstance(d, str) else None) for v, at, d in items if d != device]
+        state.learn(merchant_id, others, cursor)
+        learned += len(others)
+        if len(items) < FEED_PAGE:
+            break
+    return EXIT_OK, learned
+
+
+def _names_field(raw: bytes, field: str) -> bool:
+    try:
+        return field in json.loads(raw)["error"]["details"]["fields"]
+    except (ValueError, KeyError, TypeError):
+        return False
 
 
 def _message(raw: bytes) -> str:

@@ -34,6 +34,15 @@ CREATE TABLE IF NOT EXISTS redemptions (
     synced_at    TEXT,
     UNIQUE (merchant_id, voucher_id)
 );
+-- Redemptions the server accepted from elsewhere (the merchant's other tills, or online),
+-- learned from its feed (GET /v1/redemptions) on sync: check refuses them offline.
+CREATE TABLE IF NOT EXISTS elsewhere (
+    merchant_id  TEXT NOT NULL,
+    voucher_id   TEXT NOT NULL,
+    redeemed_at  TEXT NOT NULL,
+    device_id    TEXT,
+    PRIMARY KEY (merchant_id, voucher_id)
+);
 """
 
 
@@ -173,6 +182,48 @@ class State:
             (voucher_id, merchant_id),
         ).fetchone()
         return str(row[0]) if row else None
+
+    def redeemed_elsewhere(
+        self, voucher_id: str, merchant_id: str
+    ) -> tuple[str, str | None] | None:
+        """``(redeemed_at, device_id)`` if the feed said the voucher was redeemed elsewhere
+        (``device_id`` None: online)."""
+        row = self.db.execute(
+            "SELECT redeemed_at, device_id FROM elsewhere WHERE voucher_id = ? AND merchant_id = ?",
+            (voucher_id, merchant_id),
+        ).fetchone()
+        return (str(row[0]), None if row[1] is None else str(row[1])) if row else None
+
+    # -- the feed -----------------------------------------------------------------
+
+    def feed_cursor(self, merchant_id: str) -> str | None:
+        """Where the merchant's feed was read up to (``None``: from the start)."""
+        row = self.db.execute(
+            "SELECT value FROM meta WHERE name = ?", (f"feed_cursor:{merchant_id}",)
+        ).fetchone()
+        return str(row[0]) if row else None
+
+    def learn(
+        self, merchant_id: str, redemptions: list[tuple[str, str, str | None]], cursor: str | None
+    ) -> None:
+        """Remember ``(voucher_id, redeemed_at, device_id)`` redemptions and the cursor after
+        them, in one transaction: a crash never moves the cursor past what was not kept."""
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.executemany(
+                "INSERT OR IGNORE INTO elsewhere (merchant_id, voucher_id, redeemed_at, device_id)"
+                " VALUES (?, ?, ?, ?)",
+                [(merchant_id, v, at, device) for v, at, device in redemptions],
+            )
+            name = f"feed_cursor:{merchant_id}"
+            if cursor is None:
+                self.db.execute("DELETE FROM meta WHERE name = ?", (name,))
+            else:
+                self.db.execute(
+                    "INSERT INTO meta (name, value) VALUES (?, ?)"
+                    " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                    (name, cursor),
+                )
 
     def unsynced(self, merchant_id: str, limit: int) -> list[tuple[str, str, str]]:
         """Up to ``limit`` of the merchant's entries not yet answered by the server, oldest first.

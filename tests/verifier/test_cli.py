@@ -208,3 +208,67 @@ def test_the_flashsale_command_runs_the_verifier(
     synced = cli("sync", "--server", api.url, "--token", api.token("merchant", "m-1"),
                  "--state", state)  # fmt: skip
     assert synced.returncode == 0 and "accepted: 1" in synced.stdout
+
+
+def test_after_a_sync_a_till_refuses_offline_what_other_tills_redeemed(
+    api: RunningApi,
+    client: httpx.Client,
+    vouchers: list[dict[str, Any]],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Till A redeems online, till C offline then syncs; till B learns both on its sync."""
+    till_b, till_c = str(tmp_path / "b"), str(tmp_path / "c")
+    merchant = api.token("merchant", "m-1")
+    for till in (till_b, till_c):
+        assert run(capsys, "pull-keys", "--server", api.url, "--state", till)[0] == 0
+    r = client.post("/v1/redemptions", json={"token": vouchers[0]["token"]}, headers=auth(merchant))
+    assert r.status_code == 200  # till A, online
+    assert (
+        run(capsys, "check", vouchers[1]["token"], "--merchant", "m-1", "--state", till_c)[0] == 0
+    )
+    code, out = run(capsys, "sync", "--server", api.url, "--token", merchant, "--state", till_c)
+    assert code == 0 and "accepted: 1" in out, out
+
+    # Nothing to upload: the sync still refreshes keys and reads the feed.
+    code, out = run(capsys, "sync", "--server", api.url, "--token", merchant, "--state", till_b)
+    assert code == 0 and "accepted: 0" in out and "learned: 2" in out, out
+    code, out = run(capsys, "sync", "--server", api.url, "--token", merchant, "--state", till_b)
+    assert code == 0 and "learned: 0" in out, out  # the cursor was kept
+    api.server.should_exit = True  # offline from here on
+    time.sleep(0.3)
+    code, out = run(capsys, "check", vouchers[0]["token"], "--merchant", "m-1", "--state", till_b)
+    assert code == 1 and "already redeemed on another till (online)" in out, out
+    code, out = run(capsys, "check", vouchers[1]["token"], "--merchant", "m-1", "--state", till_b)
+    assert code == 1 and "already redeemed on another till (till-" in out, out
+    code, out = run(capsys, "check", vouchers[2]["token"], "--merchant", "m-1", "--state", till_b)
+    assert code == 0 and out.startswith("accepted"), out
+    # Till C's own redemption is "here" for it, not another till's.
+    code, out = run(capsys, "check", vouchers[1]["token"], "--merchant", "m-1", "--state", till_c)
+    assert code == 1 and "already redeemed here" in out, out
+
+
+def test_a_sync_with_nothing_to_upload_still_fails_on_a_refused_token_or_no_server(
+    api: RunningApi, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    till = str(tmp_path / "till")
+    forged = mint("not-the-server-secret-" + "y" * 32, "m-1", "merchant")
+    code, out = run(capsys, "sync", "--server", api.url, "--token", forged, "--state", till)
+    assert code == 1 and "401" in out, out
+    user = api.token("user", "m-1")
+    code, out = run(capsys, "sync", "--server", api.url, "--token", user, "--state", till)
+    assert code == 1 and "403" in out, out
+    dead = f"http://127.0.0.1:{free_port()}"
+    merchant = api.token("merchant", "m-1")
+    code, _ = run(capsys, "sync", "--server", dead, "--token", merchant, "--state", till)
+    assert code == 3
+    code, out = run(capsys, "sync", "--server", api.url, "--token", merchant, "--state", till)
+    assert code == 0 and "keys: 1 cached" in out and "learned: 0" in out, out
+    # A cursor the server no longer knows (its partition count changed): read from the start.
+    log = State(Path(till))
+    try:
+        log.learn("m-1", [], "not-a-cursor")
+    finally:
+        log.close()
+    code, out = run(capsys, "sync", "--server", api.url, "--token", merchant, "--state", till)
+    assert code == 0 and "learned: 0" in out, out
