@@ -48,8 +48,11 @@ def test_the_feed_pages_in_acceptance_order_and_its_cursor_comes_back_on_an_empt
     # Later, an offline log synced by a till: only what came after the cursor.
     late = claim(client, deals[0]["id"], api.token("user", "u-late"))
     entry = {"entry_id": "e-1", "token": late["token"], "redeemed_at": late["claimed_at"]}
-    r = client.post("/v1/redemptions/sync", json={"device_id": "till-2", "entries": [entry]},
-                    headers=auth(merchant))  # fmt: skip
+    r = client.post(
+        "/v1/redemptions/sync",
+        json={"device_id": "till-2", "entries": [entry]},
+        headers=auth(merchant),
+    )
     assert r.json()["results"][0]["status"] == "accepted"
     newer = _page(client, merchant, after=empty["next"])
     assert newer["redemptions"] == [
@@ -103,10 +106,16 @@ def test_pages_read_while_many_tills_redeem_concurrently_miss_and_repeat_nothing
                 if i % 2:
                     _redeem(own, merchant, v["token"])
                     continue
-                entry = {"entry_id": f"e-{v['id']}", "token": v["token"],
-                         "redeemed_at": v["claimed_at"]}  # fmt: skip
-                r = own.post("/v1/redemptions/sync", headers=auth(merchant),
-                             json={"device_id": f"till-{n}", "entries": [entry]})  # fmt: skip
+                entry = {
+                    "entry_id": f"e-{v['id']}",
+                    "token": v["token"],
+                    "redeemed_at": v["claimed_at"],
+                }
+                r = own.post(
+                    "/v1/redemptions/sync",
+                    headers=auth(merchant),
+                    json={"device_id": f"till-{n}", "entries": [entry]},
+                )
                 assert r.json()["results"][0]["status"] == "accepted", r.text
 
     def reader() -> None:

@@ -32,8 +32,15 @@ HOUR_MS = 3_600_000
 
 
 def a_voucher(claimed_at_ms: int, user: str = "u-1") -> Voucher:
-    return Voucher(f"v{user.encode().hex():0>16}.d_1", "d_1", user, "m-1", 1,
-                   claimed_at_ms, claimed_at_ms + MS_PER_DAY)  # fmt: skip
+    return Voucher(
+        f"v{user.encode().hex():0>16}.d_1",
+        "d_1",
+        user,
+        "m-1",
+        1,
+        claimed_at_ms,
+        claimed_at_ms + MS_PER_DAY,
+    )
 
 
 def kid_of(token: str) -> str:
@@ -145,8 +152,15 @@ def test_the_schedule_knows_who_signed_when_across_revocations() -> None:
     d = KeyTimes("kd", 400, 400)  # written by the revocation of c: signs at once
     s = Schedule([a, b, c, d])
     assert [s.signer_at(t) for t in (-1, 0, 99, 100, 299, 300, 399, 400)] == [
-        None, "ka", "ka", "ka", "ka", "kc", "kc", "kd",
-    ]  # fmt: skip
+        None,
+        "ka",
+        "ka",
+        "ka",
+        "ka",
+        "kc",
+        "kc",
+        "kd",
+    ]
     assert s.status("ka", 500).state == "retired"
     assert s.status("ka", 500).signed_until_ms == 300  # it signed on while b was revoked
     until = 300 + RETIRE_SLACK_MS + MAX_VOUCHER_LIFE_MS

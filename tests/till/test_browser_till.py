@@ -211,16 +211,20 @@ def test_the_feed_teaches_the_till_what_other_tills_redeemed(
     deal = create_deal(client, merchant)
     first, second = (claim(client, deal["id"], api.token("user", f"u-{i}")) for i in (1, 2))
     entry = {"entry_id": "a-1", "token": first["token"], "redeemed_at": first["claimed_at"]}
-    r = client.post("/v1/redemptions/sync", json={"device_id": "till-other", "entries": [entry]},
-                    headers=auth(merchant))  # fmt: skip
+    body = {"device_id": "till-other", "entries": [entry]}
+    r = client.post("/v1/redemptions/sync", json=body, headers=auth(merchant))
     assert r.json()["results"][0]["status"] == "accepted", r.text
     reads: list[str] = []
 
     till = launch_till(pw, tmp_path / "till")
     try:
         page = open_till(till, api.url)
-        page.on("request", lambda req: reads.append(req.url) if "/v1/redemptions?" in req.url
-                else None)  # fmt: skip
+
+        def feed_read(request: Any) -> None:
+            if "/v1/redemptions?" in request.url:
+                reads.append(request.url)
+
+        page.on("request", feed_read)
         page.get_by_label("Merchant token").fill(api.token("user", "u-1"))
         page.get_by_role("button", name="Save").click()
         expect(page.locator("#merchant")).to_contain_text("Not saved: this is a user's token")
