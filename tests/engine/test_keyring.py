@@ -25,6 +25,7 @@ from engine.keyring import (
     revoke_key,
     rotate_key,
 )
+from engine.settings import Settings, SettingsError
 from engine.times import MS_PER_DAY
 from engine.vouchers import VoucherSigner
 
@@ -207,3 +208,11 @@ def test_a_schedule_that_cannot_be_read_keeps_its_key_out_of_use(tmp_path: Path)
     (tmp_path / f"{bad}.json").write_text("{not json")
     signer.reload()
     assert signer.kid == good and bad not in signer.ring.published
+
+
+def test_the_prepublication_is_a_setting_of_24_hours_by_default() -> None:
+    assert Settings.from_env({}).key_prepublish_s == 86_400
+    assert Settings.from_env({"FLASHSALE_KEY_PREPUBLISH": "2s"}).key_prepublish_s == 2
+    assert Settings.from_env({"FLASHSALE_KEY_PREPUBLISH": "36h"}).key_prepublish_s == 129_600
+    with pytest.raises(SettingsError):
+        Settings.from_env({"FLASHSALE_KEY_PREPUBLISH": "soon"})
