@@ -22,7 +22,9 @@ from starlette.requests import Request
 from api import errors
 from api.auth import Authenticator
 from api.fastpath import ClaimFastPath, claim_route
+from api.jsonio import BodyDeadline
 from api.metrics import Metrics, MetricsMiddleware
+from api.ratelimit import RateLimit
 from api.records import Records
 from engine.errors import StartupError
 from engine.settings import Settings
@@ -119,5 +121,8 @@ def create_app(settings: Settings) -> Starlette:
     route = claim_route(app.routes)
     if route is not None:  # inside the metrics middleware: added before it
         app.add_middleware(ClaimFastPath, route=route)
+    app.add_middleware(BodyDeadline, timeout_s=settings.body_timeout_s)
+    # Outside everything but the metrics: a request over its limit does no other work.
+    app.add_middleware(RateLimit, settings=settings, metrics=metrics)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app

@@ -17,7 +17,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from api.jsonio import json
-from engine.errors import FlashsaleError, Unavailable
+from engine.errors import FlashsaleError, RequestTimeout, Unavailable
 
 log = logging.getLogger("flashsale.api")
 
@@ -38,6 +38,9 @@ def error_response(exc: FlashsaleError) -> Response:
     headers = {}
     if isinstance(exc, Unavailable):
         headers["Retry-After"] = str(exc.retry_after_s)
+    elif isinstance(exc, RequestTimeout):
+        # The rest of the body may still be on its way: this connection cannot be reused.
+        headers["Connection"] = "close"
     return json(error_body(exc.code, exc.message, exc.details), exc.status, headers)
 
 

@@ -1,15 +1,23 @@
-"""JSON in and out: orjson responses, bounded body reading, strict parsing."""
+"""JSON in and out: orjson responses, bounded body reading, strict parsing.
+
+Bodies are bounded in size (``read_body``) and in time (``BodyDeadline``): a body not
+received in full within ``Settings.body_timeout_s`` of the request's head is 408
+``request_timeout``, and the connection is closed, so that a client trickling bytes holds
+a connection and a handler for that long at most.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json as stdjson
 from typing import Any
 
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from engine.errors import InvalidJson, InvalidRequest, PayloadTooLarge
+from engine.errors import InvalidJson, InvalidRequest, PayloadTooLarge, RequestTimeout
 
 MAX_BODY_BYTES = 64 * 1024
 MAX_DEPTH = 32
@@ -120,3 +128,43 @@ async def read_json_object(request: Request, limit: int = MAX_BODY_BYTES) -> dic
             fields={"body": f"must be a JSON object, not {got}"},
         )
     return value
+
+
+class BodyDeadline:
+    """Pure ASGI middleware: the request body must arrive within ``timeout_s`` of the head.
+
+    Reading past the deadline raises ``RequestTimeout`` inside the handler that reads it
+    (the app's handlers answer it in JSON, with ``Connection: close``). Only the body's
+    messages are timed; once it is complete, ``receive`` is the server's own again (a
+    streaming response waits on it for the client's disconnect).
+    """
+
+    def __init__(self, app: ASGIApp, timeout_s: float) -> None:
+        self.app = app
+        self.timeout_s = timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD"):
+            await self.app(scope, receive, send)
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        complete = False
+
+        async def receive_by_deadline() -> Message:
+            nonlocal complete
+            if complete:
+                return await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise RequestTimeout(
+                    f"The request body was not received within {self.timeout_s:g} s.",
+                    timeout_s=self.timeout_s,
+                ) from None
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                complete = True
+            return message
+
+        await self.app(scope, receive_by_deadline, send)

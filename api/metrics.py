@@ -50,6 +50,17 @@ class Metrics:
             ("outcome",),
             registry=self.registry,
         )
+        self.rate_limited = Counter(
+            "flashsale_rate_limited_total",
+            "Requests refused with 429 by a rate limit, by kind (caller, address).",
+            ("kind",),
+            registry=self.registry,
+        )
+        self.rate_limit_errors = Counter(
+            "flashsale_rate_limit_errors_total",
+            "Rate-limit checks Redis could not answer (the request went on: fail open).",
+            registry=self.registry,
+        )
         self.stream_lag = Gauge(
             "flashsale_stream_lag",
             "Stream entries not yet persisted, summed over partitions (read at scrape).",

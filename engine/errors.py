@@ -15,9 +15,11 @@
     │   │   ├── DealEnded                409 ended
     │   │   ├── SoldOut                  409 sold_out
     │   │   └── AlreadyRedeemed          409 already_redeemed
+    │   ├── RequestTimeout               408 request_timeout
     │   ├── PayloadTooLarge              413 payload_too_large
-    │   └── InvalidRequest               422 invalid_request
-    │       └── InvalidVoucher           422 invalid_voucher
+    │   ├── InvalidRequest               422 invalid_request
+    │   │   └── InvalidVoucher           422 invalid_voucher
+    │   └── RateLimited                  429 rate_limited
     ├── Unavailable                      a dependency is down (503, retryable)
     │   ├── StoreUnavailable             Redis / Valkey cannot be reached
     │   ├── DatabaseUnavailable          PostgreSQL cannot be reached
@@ -26,8 +28,7 @@
     └── StreamGroupMissing               internal: the persister's consumer group is gone
                                          (Redis flushed or restored); it recreates it
 
-405 comes from the router (``api/errors.py``). No route rate-limits (429): where wanted,
-that belongs in the load balancer in front of the API. Our own bugs are not in this tree:
+405 comes from the router (``api/errors.py``). Our own bugs are not in this tree:
 they surface as 500 with a request id.
 Redis exceptions are translated in ``engine/store.py`` and asyncpg ones in
 ``persister/db.py``; no other module catches them.
@@ -108,6 +109,11 @@ class AlreadyRedeemed(Conflict):
     code, message = "already_redeemed", "This voucher was already redeemed."
 
 
+class RequestTimeout(ClientError):
+    status, code = 408, "request_timeout"
+    message = "The request body was not received in time."
+
+
 class PayloadTooLarge(ClientError):
     status, code, message = 413, "payload_too_large", "The request body is over 64 KiB."
 
@@ -118,6 +124,10 @@ class InvalidRequest(ClientError):
 
 class InvalidVoucher(InvalidRequest):
     code, message = "invalid_voucher", "This is not a valid voucher."
+
+
+class RateLimited(ClientError):
+    status, code, message = 429, "rate_limited", "Too many requests; retry later."
 
 
 class Unavailable(FlashsaleError):

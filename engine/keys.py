@@ -7,6 +7,7 @@ each Lua script touches one hash slot and runs unchanged on a Redis Cluster.
 
 from __future__ import annotations
 
+import hashlib
 import zlib
 from dataclasses import dataclass
 from functools import lru_cache
@@ -108,3 +109,15 @@ def merchant_feed_key(partition: int, merchant_id: str) -> str:
     id is hex-encoded, as in :func:`sync_entries_key`.
     """
     return f"{PREFIX}:{tag(partition)}:merchant-redemptions:{merchant_id.encode().hex()}"
+
+
+def rate_key(kind: str, subject: str) -> str:
+    """A rate limiter's key: one subject (a caller id, a client address) of one ``kind``.
+
+    The key is its own hash tag, so limiters spread over every slot of a cluster instead
+    of crowding the partitions' nodes, and the limiter's script touches one slot. The
+    subject is hashed: an address is personal data, and no caller id can make this name
+    match another pattern or pick another tag.
+    """
+    digest = hashlib.blake2b(subject.encode(), digest_size=10, person=kind.encode()).hexdigest()
+    return f"{PREFIX}:{{rl:{kind}:{digest}}}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -42,6 +43,22 @@ def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -
     if not low <= value <= high:
         raise SettingsError(f"{name} must be in {low}..{high}, got {value}")
     return value
+
+
+def parse_networks(text: str) -> tuple[str, ...]:
+    """Comma-separated addresses or CIDRs (``10.0.0.1, 10.1.0.0/16, fd00::/8``), canonical."""
+    out = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        try:
+            out.append(str(ipaddress.ip_network(item, strict=False)))
+        except ValueError:
+            raise SettingsError(
+                f"FLASHSALE_TRUSTED_PROXIES: {item!r} is not an IP address or CIDR"
+            ) from None
+    return tuple(out)
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +121,16 @@ class Settings:
     # Near the cap, acknowledged entries are trimmed even inside the retention, so that
     # claims are not refused just to keep replay history.
     stream_trim_fraction: float = 0.5
+    # Rate limits (API.md, "Rate limits"): requests a second, bursts of twice that; 0 is
+    # off. Per caller (the token's sub) on authenticated routes; per client address on
+    # every route but health and metrics, the address read through these proxies'
+    # X-Forwarded-For (addresses or CIDRs, canonical text).
+    rate_caller_per_s: int = 10
+    rate_address_per_s: int = 0
+    trusted_proxies: tuple[str, ...] = ()
+    # A request body not received in full this long after the request's head is 408
+    # (API.md fixes it at 10 seconds).
+    body_timeout_s: float = 10.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -136,6 +163,9 @@ class Settings:
             persister_claim_idle_s=float(
                 _int(env, "FLASHSALE_PERSISTER_CLAIM_IDLE_S", 30, 1, 86_400)
             ),
+            rate_caller_per_s=_int(env, "FLASHSALE_RATE_CALLER", 10, 0, 1_000_000),
+            rate_address_per_s=_int(env, "FLASHSALE_RATE_ADDRESS", 0, 0, 1_000_000),
+            trusted_proxies=parse_networks(env.get("FLASHSALE_TRUSTED_PROXIES") or ""),
         )
 
     @property

@@ -68,6 +68,8 @@ SCRIPT_NAMES = (
     "search_geo",
     "renew_lease",
     "release_lease",
+    "limit_rate",
+    "record_sync",
 )
 
 # (stream, entry id, fields); fields is None for an entry deleted while pending.

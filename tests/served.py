@@ -34,6 +34,9 @@ def serve_env(settings: Settings, **extra: str) -> dict[str, str]:
         "FLASHSALE_STREAM_CAP": str(settings.stream_cap),
         "FLASHSALE_DURABILITY": settings.durability,
         "FLASHSALE_KEYS_DIR": str(settings.keys_dir) if settings.keys_dir else None,
+        "FLASHSALE_RATE_CALLER": str(settings.rate_caller_per_s),
+        "FLASHSALE_RATE_ADDRESS": str(settings.rate_address_per_s),
+        "FLASHSALE_TRUSTED_PROXIES": ",".join(settings.trusted_proxies),
     }
     env.update({k: v for k, v in pairs.items() if v})
     env.update(extra)

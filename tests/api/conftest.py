@@ -81,8 +81,12 @@ def make_api(tmp_path: Path) -> Iterator[Callable[..., RunningApi]]:
     running: list[tuple[uvicorn.Server, threading.Thread]] = []
     served: list[Served] = []
 
-    def start(settings: Settings) -> RunningApi:
+    def start(settings: Settings, *, limits: bool = False) -> RunningApi:
+        """Serve ``settings``; rate limits are off unless ``limits`` (the tests of other
+        behaviour send bursts from one caller)."""
         settings = settings.with_(auth_secret=SECRET, data_dir=tmp_path)
+        if not limits:
+            settings = settings.with_(rate_caller_per_s=0, rate_address_per_s=0)
         if TEST_SERVER in SERVERS:
             log = tmp_path / f"serve-{len(served)}.log"
             proc = Served(TEST_SERVER, serve_env(settings), log).start()

@@ -1,0 +1,132 @@
+"""The rate limiter (``lua/limit_rate.lua``): GCRA in Redis against a plain Python model.
+
+The script judges time by Redis's own clock (``TIME``) and returns the time it used. The
+model is fed that same time, so every verdict and every retry delay must match it
+exactly; the test controls what happens between calls (which subject, how long to wait),
+and needs no clock of its own in the script. Runs on one node and on the cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
+
+from engine.keys import rate_key
+from engine.limits import ADDRESS, CALLER, RateLimiter, Verdict
+from engine.settings import Settings
+from engine.store import Store
+
+SUBJECTS = ("u-1", "u-2", "10.0.0.1")
+
+
+@dataclass
+class Model:
+    """GCRA as a textbook states it: one theoretical arrival time per subject."""
+
+    interval_us: int
+    window_us: int
+    tat: dict[str, int] = field(default_factory=dict)
+
+    def decide(self, subject: str, now_us: int) -> tuple[bool, int]:
+        tat = max(self.tat.get(subject, 0), now_us)
+        ahead = tat + self.interval_us - now_us
+        if ahead > self.window_us:
+            return False, ahead - self.window_us
+        self.tat[subject] = tat + self.interval_us
+        return True, 0
+
+
+steps = st.lists(
+    st.tuples(st.sampled_from(SUBJECTS), st.integers(0, 12)),  # (subject, ms to wait first)
+    min_size=1,
+    max_size=40,
+)
+
+
+def test_limiter_matches_the_gcra_model(settings: Settings) -> None:
+    """Any sequence of requests and pauses, from several subjects: the same verdicts and
+    retry delays as the model, and a key never outlives the subject's burst window."""
+    loop = asyncio.new_event_loop()
+    store: Store = loop.run_until_complete(Store.connect(settings))
+
+    @hsettings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(
+        interval_us=st.sampled_from([1_000, 2_500, 4_000]),
+        burst=st.integers(1, 5),
+        plan=steps,
+    )
+    def run(interval_us: int, burst: int, plan: list[tuple[str, int]]) -> None:
+        limiter = RateLimiter(CALLER, interval_us, interval_us * burst)
+        model = Model(interval_us, interval_us * burst)
+        keys = [limiter.key(s) for s in SUBJECTS]
+        loop.run_until_complete(_delete_each(store, keys))
+        for subject, wait_ms in plan:
+            if wait_ms:
+                loop.run_until_complete(asyncio.sleep(wait_ms / 1000))
+            verdict = Verdict.of(loop.run_until_complete(_check(limiter, store, subject)))
+            allowed, retry_us = model.decide(subject, verdict.now_us)
+            assert (verdict.allowed, verdict.retry_after_us) == (allowed, retry_us), (
+                subject,
+                verdict,
+                model,
+            )
+            # The key lives while the subject is ahead of schedule, at most its window
+            # (it may have expired since: -2).
+            ttl_ms = loop.run_until_complete(store.client.pttl(limiter.key(subject)))
+            assert ttl_ms == -2 or 0 <= ttl_ms <= model.window_us // 1000 + 2
+
+    try:
+        run()
+    finally:
+        loop.run_until_complete(store.close())
+        loop.close()
+
+
+async def _check(limiter: RateLimiter, store: Store, subject: str) -> Any:
+    return await limiter.check(store, subject)
+
+
+async def _delete_each(store: Store, keys: list[str]) -> None:
+    for key in keys:  # one slot each
+        await store.client.delete(key)
+
+
+async def test_a_concurrent_burst_gets_exactly_its_allowance(store: Store) -> None:
+    """500 checks sent at once for one fresh subject: exactly the burst is allowed."""
+    limiter = RateLimiter.per_second(CALLER, 10)  # bursts of 20
+    replies = await asyncio.gather(*(limiter.check(store, "u-burst") for _ in range(500)))
+    verdicts = [Verdict.of(r) for r in replies]
+    assert sum(v.allowed for v in verdicts) == 20
+    refused = [v for v in verdicts if not v.allowed]
+    assert all(0 < v.retry_after_us <= 100_000 for v in refused)
+    assert all(v.retry_after_s == 1 and 1 <= v.retry_after_ms <= 100 for v in refused)
+
+
+async def test_each_subject_is_one_key_in_its_own_slot_and_leaves_nothing(
+    store: Store,
+) -> None:
+    """One key per subject (its own hash tag), one slot; gone once the window has passed."""
+    limiter = RateLimiter(ADDRESS, 1_000, 20_000)  # a window of 20 ms
+    for subject in ("192.0.2.1", "2001:db8::/64"):
+        assert Verdict.of(await limiter.check(store, subject)).allowed
+    keys = [rate_key(ADDRESS, s) for s in ("192.0.2.1", "2001:db8::/64")]
+    for key in keys:
+        assert key.startswith("fs:{rl:address:") and key.endswith("}")
+        assert await store.client.exists(key) == 1
+    assert rate_key(CALLER, "192.0.2.1") != keys[0]
+    await asyncio.sleep(0.05)
+    for key in keys:
+        assert await store.client.exists(key) == 0
+
+
+def test_per_second_is_api_mds_rate_with_bursts_of_twice_it() -> None:
+    limiter = RateLimiter.per_second(CALLER, 10)
+    assert (limiter.interval_us, limiter.window_us) == (100_000, 2_000_000)
+    with pytest.raises(ValueError):
+        RateLimiter("nobody", 1, 1)
