@@ -75,6 +75,10 @@ def _uvicorn(host: str, port: int, workers: int) -> int:
         # httptools underneath, with malformed requests answered in JSON.
         http=JsonErrorsProtocol,
         ws="none",
+        # The client's address is the app's business (FLASHSALE_TRUSTED_PROXIES, read by
+        # api/ratelimit.py): uvicorn must not rewrite it from X-Forwarded-For on its own
+        # (it would, by default, for any request from 127.0.0.1).
+        proxy_headers=False,
         access_log=False,
         log_level="info",
         timeout_graceful_shutdown=GRACEFUL_S,

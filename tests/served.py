@@ -37,6 +37,7 @@ def serve_env(settings: Settings, **extra: str) -> dict[str, str]:
         "FLASHSALE_RATE_CALLER": str(settings.rate_caller_per_s),
         "FLASHSALE_RATE_ADDRESS": str(settings.rate_address_per_s),
         "FLASHSALE_TRUSTED_PROXIES": ",".join(settings.trusted_proxies),
+        "FLASHSALE_BODY_TIMEOUT": f"{settings.body_timeout_s}s",
     }
     env.update({k: v for k, v in pairs.items() if v})
     env.update(extra)

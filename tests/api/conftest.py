@@ -57,6 +57,7 @@ def serve_in_thread(settings: Settings) -> tuple[uvicorn.Server, threading.Threa
         lifespan="on",
         loop="asyncio",
         http="h11",
+        proxy_headers=False,  # as `flashsale serve`: the app reads X-Forwarded-For itself
         timeout_graceful_shutdown=2,
     )
     server = uvicorn.Server(config)
