@@ -15,6 +15,20 @@ is judged afresh if sent again, so that nothing a merchant uploads grows the ser
 state beyond its own vouchers. The order is check, redeem, record; a crash between redeem
 and record is healed because the script answers a voucher already redeemed by the same
 entry with that same ``accepted`` result.
+
+Bounds, whatever a merchant uploads:
+
+- kept results: at most :data:`MAX_KEPT_PER_VOUCHER` entries per voucher (its first
+  accepted redemption is kept beyond it), counted in the same hash (``#<voucher>``), so
+  a merchant's sync hash holds at most ``(MAX_KEPT_PER_VOUCHER + 2)`` fields per voucher
+  of its own that its entries named. An entry past that quota is ``rejected`` with
+  ``too_many_entries``, leaves nothing, and is judged afresh if sent again. Real tills
+  scan a voucher a handful of times; the quota only stops a loop or a forger.
+- conflict events (``redeem_conflict``, kept in PostgreSQL for review): an entry past its
+  voucher's quota is not sent to the script once the voucher is known to be redeemed by
+  another entry, so a voucher logs at most the quota's worth of conflicts per upload
+  (concurrent uploads of one voucher may each log theirs before the quota is recorded).
+- CPU: each distinct token string in an upload is verified once (ES256 is ~0.1 ms).
 """
 
 from __future__ import annotations
@@ -46,14 +60,23 @@ MAX_SYNC_ENTRIES = 1000
 SYNC_ENTRIES_TTL_S = 180 * 86_400
 # Verify this many tokens, then let other requests run (a token costs ~0.1 ms of CPU).
 _VERIFY_SLICE = 64
+# Entries naming one voucher whose results a merchant's sync hash keeps, at most.
+MAX_KEPT_PER_VOUCHER = 10
 
 ACCEPTED, DUPLICATE, CONFLICT, REJECTED = "accepted", "duplicate", "conflict", "rejected"
 STATUSES = (ACCEPTED, DUPLICATE, CONFLICT, REJECTED)
 # Rejections of an entry that named a voucher of this merchant: kept like accepted and
 # conflict. The others (missing_entry_id, invalid_voucher, not_your_voucher) are not.
 KEPT_REJECTIONS = ("expired", "implausible_time")
+TOO_MANY = "too_many_entries"
 # Every code a rejected entry may carry.
-SYNC_CODES = ("invalid_voucher", "not_your_voucher", "missing_entry_id", *KEPT_REJECTIONS)
+SYNC_CODES = (
+    "invalid_voucher",
+    "not_your_voucher",
+    "missing_entry_id",
+    *KEPT_REJECTIONS,
+    TOO_MANY,
+)
 
 
 def redemption_value(redeemed_at_ms: int, device_id: str, entry_id: str, merchant_id: str) -> str:
@@ -215,18 +238,45 @@ def _parse(raw: object, index: int, valid_id: Any) -> _Entry:
     return entry
 
 
-def _check(entry: _Entry, signer: VoucherSigner, merchant_id: str) -> None:
-    """Verify the token and the device time; set ``entry.result`` if it is rejected."""
-    try:
-        entry.verified = signer.verify(entry.token)  # type: ignore[arg-type]
-    except InvalidVoucher as exc:
-        entry.result = _rejected(entry.entry_id, "invalid_voucher", exc.message)
-        return
+def _too_many(entry_id: str | None) -> dict[str, Any]:
+    return _rejected(
+        entry_id,
+        TOO_MANY,
+        f"This voucher already has {MAX_KEPT_PER_VOUCHER} synced entries on record; "
+        "this one was not recorded.",
+    )
+
+
+def _check(
+    entry: _Entry,
+    signer: VoucherSigner,
+    merchant_id: str,
+    seen: dict[str, VoucherToken | str],
+) -> bool:
+    """Verify the token and the device time; set ``entry.result`` if it is rejected.
+
+    ``seen`` holds this upload's verdicts by token string (a token or why it is not one):
+    each distinct token is verified once. Returns whether this one was verified now.
+    """
+    token = entry.token
+    verdict = seen.get(token) if isinstance(token, str) else None
+    fresh = verdict is None
+    if verdict is None:
+        try:
+            verdict = signer.verify(token)  # type: ignore[arg-type]
+        except InvalidVoucher as exc:
+            verdict = exc.message
+        if isinstance(token, str):
+            seen[token] = verdict
+    if isinstance(verdict, str):
+        entry.result = _rejected(entry.entry_id, "invalid_voucher", verdict)
+        return fresh
+    entry.verified = verdict
     if entry.verified.merchant_id != merchant_id:
         entry.result = _rejected(
             entry.entry_id, "not_your_voucher", "This voucher belongs to another merchant."
         )
-        return
+        return fresh
     try:
         if not isinstance(entry.redeemed_at, str):
             raise ValueError
@@ -235,17 +285,37 @@ def _check(entry: _Entry, signer: VoucherSigner, merchant_id: str) -> None:
         entry.result = _rejected(
             entry.entry_id, "implausible_time", "redeemed_at must be an RFC 3339 time."
         )
+    return fresh
 
 
 async def _redeem_in_order(
-    store: Store, entries: list[_Entry], merchant_id: str, device_id: str
+    store: Store, entries: list[_Entry], merchant_id: str, device_id: str, room: int
 ) -> None:
-    """Redeem one voucher's entries in the order sent: the earlier one is first."""
+    """Redeem one voucher's entries in the order sent: the earlier one is first.
+
+    ``room`` is how many more of this voucher's entries the merchant's sync hash may keep.
+    Past it, an entry is sent to the script only while it could still be the voucher's
+    first redemption (or that redemption replayed); its result would not be kept anyway.
+    """
+    # The voucher's first redemption, (entry, merchant), once known; "" if none yet.
+    first: tuple[str, str] | str | None = None
     for entry in entries:
         assert entry.verified is not None and entry.entry_id is not None
+        if room <= 0:
+            if first is None:
+                k = store.keys.for_deal(entry.verified.deal_id)
+                value = await store.hget(k.redemptions, entry.verified.voucher_id)
+                first = parse_redemption(value)[2:] if value else ""
+            if first and first != (entry.entry_id, merchant_id):
+                entry.result = _too_many(entry.entry_id)
+                continue
         outcome, _at, first_at = await _run(
             store, entry.verified, merchant_id, device_id, entry.entry_id, entry.at_ms
         )
+        if outcome == ACCEPTED:
+            first = (entry.entry_id, merchant_id)
+        elif outcome == CONFLICT:
+            first = ("", "")  # another entry's: whose does not matter here
         if outcome == ACCEPTED:
             entry.result = _result(entry.entry_id, ACCEPTED, None, first_at)
         elif outcome == CONFLICT:
@@ -266,6 +336,10 @@ async def _redeem_in_order(
             entry.result = _rejected(
                 entry.entry_id, "invalid_voucher", "No such voucher was issued."
             )
+        if _kept(entry.result):
+            if room <= 0 and outcome != ACCEPTED:
+                entry.result = _too_many(entry.entry_id)
+            room -= 1
 
 
 async def sync(
@@ -305,40 +379,53 @@ async def sync(
         else:
             first_in_batch[entry.entry_id] = entry
 
-    # 2. Verify tokens and device times (CPU), a slice at a time.
+    # 2. Verify tokens and device times (CPU), each distinct token once, a slice at a time.
     fresh = list(first_in_batch.values())
-    for n, entry in enumerate(fresh, 1):
-        _check(entry, signer, merchant_id)
-        if n % _VERIFY_SLICE == 0:
-            await asyncio.sleep(0)
+    seen: dict[str, VoucherToken | str] = {}
+    verified_now = 0
+    for entry in fresh:
+        if _check(entry, signer, merchant_id, seen):
+            verified_now += 1
+            if verified_now % _VERIFY_SLICE == 0:
+                await asyncio.sleep(0)
 
-    # 3. Redeem: vouchers in parallel (one pipeline), each voucher's entries in order.
+    # 3. Redeem: vouchers in parallel (one pipeline), each voucher's entries in order,
+    #    each voucher within the room its quota of kept entries leaves.
     by_voucher: dict[str, list[_Entry]] = {}
     for entry in fresh:
         if entry.result is None and entry.verified is not None:
             by_voucher.setdefault(entry.verified.voucher_id, []).append(entry)
     if by_voucher:
+        counts = await store.hmget(key, *(_count_field(v) for v in by_voucher))
+        rooms = [MAX_KEPT_PER_VOUCHER - int(c or 0) for c in counts]
         # gather, not a TaskGroup: a TaskGroup wraps StoreUnavailable / BacklogFull in an
         # ExceptionGroup, which would surface as a 500 instead of their 503.
         outcomes = await asyncio.gather(
-            *(_redeem_in_order(store, g, merchant_id, device_id) for g in by_voucher.values()),
+            *(
+                _redeem_in_order(store, group, merchant_id, device_id, room)
+                for group, room in zip(by_voucher.values(), rooms, strict=True)
+            ),
             return_exceptions=True,
         )
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
 
-    # 4. Record the first results that are kept (HSETNX: a concurrent upload of the same
-    #    entry may have won); the others are judged afresh when sent again.
+    # 4. Record the first results that are kept, within each voucher's quota (exactly:
+    #    concurrent uploads meet in one script); the others are judged afresh when sent
+    #    again. An entry a concurrent upload recorded first keeps that upload's result.
     kept = [entry for entry in fresh if entry.result is not None and _kept(entry.result)]
     if kept:
-        pipe = store.pipeline()
+        args: list[Any] = [MAX_KEPT_PER_VOUCHER, SYNC_ENTRIES_TTL_S]
         for entry in kept:
-            assert entry.result is not None and entry.entry_id is not None
-            first_ms = _first_ms(entry.result)
-            pipe.hsetnx(key, entry.entry_id, _pack(entry.result, first_ms))
-        pipe.expire(key, SYNC_ENTRIES_TTL_S)
-        await pipe.execute()
+            assert entry.result is not None and entry.verified is not None
+            packed = _pack(entry.result, _first_ms(entry.result))
+            accepted = "1" if entry.result["status"] == ACCEPTED else "0"
+            args += [entry.entry_id, entry.verified.voucher_id, packed, accepted]
+        recorded = await store.run("record_sync", (key,), args)
+        for entry, answer in zip(kept, recorded, strict=True):
+            if int(answer) == 0:
+                entry.result = _too_many(entry.entry_id)
     for entry in later_in_batch:
         assert entry.entry_id is not None
         first = first_in_batch[entry.entry_id].result
@@ -350,6 +437,11 @@ async def sync(
         assert entry.result is not None
         out.append(entry.result)
     return out
+
+
+def _count_field(voucher_id: str) -> str:
+    """The sync-hash field counting a voucher's kept entries (``record_sync.lua``)."""
+    return "#" + voucher_id
 
 
 def _kept(result: dict[str, Any]) -> bool:

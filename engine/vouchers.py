@@ -109,6 +109,8 @@ class VoucherSigner:
         self._loaded: dict[str, Key] = {}
         self._listing: tuple[tuple[str, int, int, int], ...] = ()
         self._header_b64: dict[str, bytes] = {}
+        # Tokens verified by this signer (each costs an ES256 check unless malformed).
+        self.verifications = 0
         self.ring: KeyRing
         self.reload()
 
@@ -226,6 +228,7 @@ class VoucherSigner:
         The till's ``verifier.verify.verify`` (pyjwt) makes the same checks, and
         ``tests/verifier/test_verify.py`` proves both give the same verdict on every forgery.
         """
+        self.verifications += 1
         return verify_token(self.ring, token, now_ms)
 
 

@@ -16,6 +16,7 @@ import zxingcpp
 from PIL import Image
 
 from engine.keys import KeySpace, sync_entries_key
+from engine.redemptions import MAX_KEPT_PER_VOUCHER
 from engine.vouchers import rotate_key
 from tests.api.conftest import RunningApi
 from tests.vouchers.forge import forgeries, high_s, parts, public_pem, resign
@@ -274,6 +275,9 @@ def test_a_malformed_redeemed_at_rejects_only_its_entry(
     entries.append({"entry_id": "e-good", "token": voucher["token"], "redeemed_at": _now()})
     results = _sync(client, api, "till-1", entries)
     refused = [("rejected", "implausible_time")] * (len(spellings) + 1)
+    # Past the voucher's quota of kept entries, a kept rejection is not recorded.
+    quota = MAX_KEPT_PER_VOUCHER
+    refused[quota:] = [("rejected", "too_many_entries")] * (len(refused) - quota)
     assert [(r["status"], r["code"]) for r in results] == [*refused, ("accepted", None)]
     assert "RFC 3339" in results[0]["message"]
 
@@ -287,6 +291,11 @@ def _sync_state(r: redis.Redis, api: RunningApi) -> dict[str, Any]:
     }
 
 
+def _entries(r: redis.Redis, key: str) -> list[str]:
+    """The entry ids a sync hash keeps (without its per-voucher counts, ``#<voucher>``)."""
+    return sorted(f for f in r.hkeys(key) if not f.startswith("#"))
+
+
 def test_uploads_of_garbage_leave_the_merchants_sync_state_as_it_was(
     api: RunningApi, client: httpx.Client, voucher: dict[str, Any]
 ) -> None:
@@ -297,7 +306,8 @@ def test_uploads_of_garbage_leave_the_merchants_sync_state_as_it_was(
     r = redis.Redis.from_url(api.settings.redis_url or "", decode_responses=True)
     try:
         before = _sync_state(r, api)
-        assert before["sync_hashes"] == {sync_entries_key("m-1"): 1}
+        # The real entry and its voucher's count of kept entries.
+        assert before["sync_hashes"] == {sync_entries_key("m-1"): 2}
         for upload in range(5):
             garbage = [
                 {"entry_id": f"g{upload}-{i}", "token": f"garbage.{i}.x", "redeemed_at": _now()}
@@ -343,7 +353,7 @@ def test_entries_refused_before_naming_a_voucher_are_judged_afresh_and_leave_not
         # The till scanned the wrong code under e-1, then the right one: judged afresh.
         right = {"entry_id": "e-1", "token": mine["token"], "redeemed_at": _now()}
         assert _sync(client, api, "till-1", [right])[0]["status"] == "accepted"
-        assert r.hkeys(key) == ["e-1"]
+        assert _entries(r, key) == ["e-1"]
         again = _sync(client, api, "till-1", [right])[0]
         assert (again["status"], again["first_status"]) == ("duplicate", "accepted")
         # A rejection that named this merchant's voucher is kept: its first result stands.
@@ -355,7 +365,7 @@ def test_entries_refused_before_naming_a_voucher_are_judged_afresh_and_leave_not
         assert _sync(client, api, "till-1", [early])[0]["code"] == "implausible_time"
         fixed = _sync(client, api, "till-1", [{**early, "redeemed_at": _now()}])[0]
         assert (fixed["status"], fixed["first_code"]) == ("duplicate", "implausible_time")
-        assert sorted(r.hkeys(key)) == ["e-1", "e-3"]
+        assert _entries(r, key) == ["e-1", "e-3"]
     finally:
         r.close()
 
@@ -408,7 +418,11 @@ def test_sync_takes_1000_entries_and_refuses_1001(
     assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request"
     assert "entries" in r.json()["error"]["details"]["fields"]
     results = _sync(client, api, "t", many[:1000])  # over 64 KiB: the sync route allows it
-    assert [x["status"] for x in results] == ["accepted"] + ["conflict"] * 999
+    quota = MAX_KEPT_PER_VOUCHER
+    assert [x["status"] for x in results] == (
+        ["accepted"] + ["conflict"] * (quota - 1) + ["rejected"] * (1000 - quota)
+    )
+    assert {x["code"] for x in results[quota:]} == {"too_many_entries"}
     bad = client.post("/v1/redemptions/sync", json={"device_id": "a b", "entries": []},
                       headers=api.auth("merchant", "m-1"))  # fmt: skip
     assert bad.status_code == 422

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from engine import claims, redemptions
@@ -97,3 +99,104 @@ async def test_the_redemption_value_is_what_redeem_voucher_lua_writes_and_reads(
     results = await redemptions.sync(store, signer, "m-1", "till-9", [same, other], lambda s: True)
     assert [r["status"] for r in results] == ["accepted", "conflict"]
     assert {r["first_redeemed_at"] for r in results} == {to_rfc3339(at)}
+
+
+def _ok(entry_id: str) -> bool:
+    return True
+
+
+async def test_1000_entries_with_one_token_cost_one_verification(store: Store) -> None:
+    """A token sent many times in one upload is verified once, good or forged."""
+    signer = VoucherSigner(store.settings.signing_keys_dir)
+    token, _vid = await _voucher(store, signer)
+    at = to_rfc3339(now_ms())
+    for n, sent in enumerate((token, token[:-4] + "AAAA")):  # real, then forged
+        before = signer.verifications
+        entries = [{"entry_id": f"e{n}-{i}", "token": sent, "redeemed_at": at} for i in range(1000)]
+        results = await redemptions.sync(store, signer, "m-1", "till-1", entries, _ok)
+        assert signer.verifications - before == 1
+        assert len(results) == 1000
+    assert {r["code"] for r in results} == {"invalid_voucher"}
+
+
+async def _sync_footprint(store: Store, key: str, events: str) -> tuple[int, int]:
+    return int(await store.client.hlen(key)), int(await store.client.xlen(events))
+
+
+async def test_uploads_of_new_entry_ids_for_one_voucher_cannot_grow_the_merchant_state(
+    store: Store,
+) -> None:
+    """5 uploads of 1000 fresh entry ids naming one voucher: the merchant's sync hash
+    holds at most the quota (+ the voucher's count), and the stream at most the quota's
+    conflicts; an entry past the quota is judged afresh each time and left nowhere."""
+    signer = VoucherSigner(store.settings.signing_keys_dir)
+    token, vid = await _voucher(store, signer)
+    key = sync_entries_key("m-1")
+    events = store.keys.for_deal(vid.split(".", 1)[1]).events
+    base_events = await store.client.xlen(events)
+    at = to_rfc3339(now_ms())
+    quota = redemptions.MAX_KEPT_PER_VOUCHER
+    for upload in range(5):
+        entries = [
+            {"entry_id": f"u{upload}-{i}", "token": token, "redeemed_at": at} for i in range(1000)
+        ]
+        results = await redemptions.sync(store, signer, "m-1", "till-1", entries, _ok)
+        statuses = [(r["status"], r["code"]) for r in results]
+        if upload == 0:
+            assert statuses[0] == ("accepted", None)
+            assert statuses[1:quota] == [("conflict", None)] * (quota - 1)
+            assert statuses[quota:] == [("rejected", "too_many_entries")] * (1000 - quota)
+        else:
+            assert set(statuses) == {("rejected", "too_many_entries")}
+        fields, logged = await _sync_footprint(store, key, events)
+        assert fields == quota + 1  # the kept entries and the voucher's count
+        assert logged - base_events == quota  # 1 redeem + quota - 1 conflicts
+    # Past the quota, nothing is kept: sent again, judged again the same way.
+    again = await redemptions.sync(store, signer, "m-1", "till-1", entries[:3], _ok)
+    assert {(r["status"], r["code"]) for r in again} == {("rejected", "too_many_entries")}
+    # The quota is per voucher: the merchant's next voucher is served as usual.
+    other, _ = await _voucher(store, signer, "u-2")
+    fresh = {"entry_id": "next", "token": other, "redeemed_at": at}
+    assert (await redemptions.sync(store, signer, "m-1", "t", [fresh], _ok))[0]["status"] == (
+        "accepted"
+    )
+
+
+async def test_an_accepted_redemption_is_kept_even_past_the_quota(store: Store) -> None:
+    """Kept rejections fill a voucher's quota before anyone redeemed it: the first
+    redemption still goes through and is recorded (a till's honest scan is never lost)."""
+    signer = VoucherSigner(store.settings.signing_keys_dir)
+    token, _vid = await _voucher(store, signer)
+    quota = redemptions.MAX_KEPT_PER_VOUCHER
+    late = to_rfc3339(now_ms() + 3_600_000)  # an hour ahead: implausible_time, kept
+    bad = [{"entry_id": f"b{i}", "token": token, "redeemed_at": late} for i in range(quota + 5)]
+    results = await redemptions.sync(store, signer, "m-1", "till-1", bad, _ok)
+    assert [r["code"] for r in results] == ["implausible_time"] * quota + ["too_many_entries"] * 5
+    good = {"entry_id": "good", "token": token, "redeemed_at": to_rfc3339(now_ms())}
+    result = (await redemptions.sync(store, signer, "m-1", "till-1", [good], _ok))[0]
+    assert result["status"] == "accepted"
+    again = (await redemptions.sync(store, signer, "m-1", "till-1", [good], _ok))[0]
+    assert (again["status"], again["first_status"]) == ("duplicate", "accepted")
+    assert await store.client.hlen(sync_entries_key("m-1")) == quota + 2
+
+
+async def test_concurrent_uploads_for_one_voucher_keep_exactly_the_quota(store: Store) -> None:
+    """Four uploads at once, each with fresh entry ids for one voucher: the quota of kept
+    results holds exactly (record_sync.lua decides), whatever each upload saw before."""
+    signer = VoucherSigner(store.settings.signing_keys_dir)
+    token, _vid = await _voucher(store, signer)
+    at = to_rfc3339(now_ms())
+    uploads = [
+        [{"entry_id": f"c{n}-{i}", "token": token, "redeemed_at": at} for i in range(50)]
+        for n in range(4)
+    ]
+    answers = await asyncio.gather(
+        *(
+            redemptions.sync(store, signer, "m-1", f"till-{n}", u, _ok)
+            for n, u in enumerate(uploads)
+        )
+    )
+    quota = redemptions.MAX_KEPT_PER_VOUCHER
+    kept = [r for a in answers for r in a if r["status"] in ("accepted", "conflict")]
+    assert len(kept) == quota and sum(r["status"] == "accepted" for r in kept) == 1
+    assert await store.client.hlen(sync_entries_key("m-1")) == quota + 1
