@@ -44,6 +44,8 @@ SHOPPER_DEALS = 20
 SHOPPER_DEAL_INVENTORY = 100_000
 SPREAD_DEG = 0.02  # deals and shoppers within about 2 km of the centre
 TOKEN_TTL_S = 6 * 3600
+# Distinct merchants the MerchantUsers take turns being (each is its own rate-limited caller).
+MERCHANTS = 1000
 MSG_DEALS = "flashsale_deals"
 
 
@@ -71,7 +73,10 @@ class Plan:
     center: tuple[float, float] = (12.9716, 77.5946)
     user_tokens: list[str] = field(default_factory=list)
     merchant_token: str = ""
+    # One merchant per simulated merchant: each is its own caller for the rate limits.
+    merchant_tokens: list[str] = field(default_factory=list)
     next_user: Any = field(default_factory=itertools.count)
+    next_merchant: Any = field(default_factory=itertools.count)
     counts: RaceCounts = field(default_factory=RaceCounts)
 
     def user_token(self) -> str:
@@ -112,6 +117,9 @@ def _mint_tokens(opts: Any) -> None:
     PLAN.user_tokens = [mint(opts.auth_secret, f"{prefix}-{i}", "user", TOKEN_TTL_S)
                         for i in range(max(1, opts.tokens))]  # fmt: skip
     PLAN.merchant_token = mint(opts.auth_secret, f"{prefix}-m", "merchant", TOKEN_TTL_S)
+    PLAN.merchant_tokens = [
+        mint(opts.auth_secret, f"{prefix}-m{i}", "merchant", TOKEN_TTL_S) for i in range(MERCHANTS)
+    ]
 
 
 def _create_deals(host: str, opts: Any) -> None:
@@ -123,8 +131,10 @@ def _create_deals(host: str, opts: Any) -> None:
         body = deal_body("locust race", lat, lng, opts.race_inventory)
         PLAN.race_deal = _call(host, "POST", "/v1/deals", PLAN.merchant_token, body)["deal"]["id"]
     rng = random.Random(7)
+    # Each shop its own merchant: one merchant creating them all would meet its rate limit.
+    shops = PLAN.merchant_tokens or [PLAN.merchant_token]
     PLAN.shopper_deals = [
-        _call(host, "POST", "/v1/deals", PLAN.merchant_token,
+        _call(host, "POST", "/v1/deals", shops[i % len(shops)],
               deal_body(f"locust shop {i}", lat + rng.uniform(-SPREAD_DEG, SPREAD_DEG),
                         lng + rng.uniform(-SPREAD_DEG, SPREAD_DEG),
                         SHOPPER_DEAL_INVENTORY))["deal"]["id"]
@@ -311,7 +321,9 @@ class MerchantUser(_Caller):
     weight = 1
 
     def on_start(self) -> None:
-        self.headers = {"Authorization": f"Bearer {PLAN.merchant_token}"}
+        tokens = PLAN.merchant_tokens or [PLAN.merchant_token]
+        token = tokens[next(PLAN.next_merchant) % len(tokens)]
+        self.headers = {"Authorization": f"Bearer {token}"}
 
     @task
     def create_deal(self) -> None:

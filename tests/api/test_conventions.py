@@ -75,6 +75,7 @@ def api(
         database_url=migrated_database_url,
         auth_secret=SECRET,
         data_dir=tmp_path_factory.mktemp("conventions"),
+        rate_caller_per_s=0,  # one merchant sends hundreds of bodies a second here
     )
     server, thread, url = serve_in_thread(settings)
     try:

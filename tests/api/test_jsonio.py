@@ -16,7 +16,9 @@ from engine.settings import Settings
 from tests.api.conftest import RunningApi
 from tests.conftest import flush
 
-DEADLINE_S = 2.0
+# Between two of the client's one-a-second bytes, so that the answer and a byte do not
+# cross on the wire.
+DEADLINE_S = 2.5
 
 
 @pytest.fixture
@@ -30,12 +32,24 @@ def slow_api(
     return make_api(settings)
 
 
-def _read_all(sock: socket.socket) -> bytes:
-    """Everything the server sends until it closes the connection."""
+def _read_all(sock: socket.socket, answered: threading.Event) -> bytes:
+    """Everything the server sends until it closes the connection.
+
+    A byte the client sends after the server closed is answered with a reset, which may
+    overtake the end of the stream: after an answer, a reset is the end too.
+    """
     data = b""
-    while chunk := sock.recv(65536):
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            if not data:
+                raise
+            return data
+        if not chunk:
+            return data
         data += chunk
-    return data
+        answered.set()
 
 
 @pytest.mark.parametrize("framing", ["content-length", "chunked"])
@@ -50,7 +64,7 @@ def test_a_body_trickled_one_byte_a_second_is_408_json_and_the_connection_closes
         f"{length}\r\nAuthorization: Bearer {token}\r\n\r\n"
     ).encode()
     served: list[int] = []
-    stop = threading.Event()
+    stop, answered = threading.Event(), threading.Event()
 
     def others() -> None:  # meanwhile, another client is served as usual
         with httpx.Client(base_url=slow_api.url, timeout=5) as client:
@@ -59,12 +73,14 @@ def test_a_body_trickled_one_byte_a_second_is_408_json_and_the_connection_closes
                 time.sleep(0.1)
 
     with socket.create_connection((host, int(port)), timeout=4 * DEADLINE_S) as sock:
+        started = time.monotonic()  # before the head: the server's clock starts after it
         sock.sendall(head)
-        started = time.monotonic()
 
         def trickle() -> None:
             pieces = [b"1\r\n{\r\n", b"1\r\n \r\n"] if framing == "chunked" else [b"{", b" "]
             for i in range(int(3 * DEADLINE_S)):
+                if answered.is_set():
+                    return  # the server has answered: the client stops
                 try:
                     sock.sendall(pieces[min(i, 1)])
                 except OSError:
@@ -75,7 +91,7 @@ def test_a_body_trickled_one_byte_a_second_is_408_json_and_the_connection_closes
         for t in helpers:
             t.start()
         try:
-            answer = _read_all(sock)  # returns once the server has closed the connection
+            answer = _read_all(sock, answered)  # returns once the server has closed the connection
             waited = time.monotonic() - started
         finally:
             stop.set()
