@@ -145,7 +145,7 @@ def test_addresses_come_from_x_forwarded_for_through_a_trusted_proxy(
             return client.get(path, headers={"X-Forwarded-For": xff}).status_code
 
         # A forged entry on the left is not what the proxy saw: the right-most counts.
-        codes = [get("/v1/deals/nope", "198.51.100.7, 192.0.2.10") for _ in range(4)]
+        codes = [get("/v1/deals/nope", "192.0.2.99, 192.0.2.10") for _ in range(4)]
         assert codes[:2] == [404, 404] and codes[-1] == 429
         assert get("/v1/deals/nope", "192.0.2.11") == 404  # another client
         assert get("/v1/deals/nope", "192.0.2.10, 127.0.0.1") == 429  # proxies are skipped
@@ -169,17 +169,18 @@ def test_a_forged_x_forwarded_for_from_an_untrusted_peer_is_ignored(
 
 def test_client_address_walks_the_chain_from_the_right() -> None:
     """The right-most untrusted hop; a malformed entry stops at the proxy that passed it;
-    IPv6 by /64; an untrusted peer's header is never read."""
-    clients = ClientAddress(["192.0.2.254", "10.0.0.0/8"])
+    IPv6 by /64; an untrusted peer's header is never read. (Addresses from 192.0.2.0/24
+    and 2001:db8::/32, the documentation ranges.)"""
+    clients = ClientAddress(["192.0.2.254", "192.0.2.240/29"])
 
     def of(peer: str, *xff: str) -> str | None:
         found = clients.of(peer, list(xff))
         return None if found is None else subject(found)
 
     assert of("192.0.2.254", "192.0.2.7") == "192.0.2.7"
-    assert of("192.0.2.254", "192.0.2.6, 192.0.2.7, 10.1.2.3") == "192.0.2.7"
+    assert of("192.0.2.254", "192.0.2.6, 192.0.2.7, 192.0.2.241") == "192.0.2.7"
     assert of("192.0.2.254", "192.0.2.6", "192.0.2.7") == "192.0.2.7"  # two headers
-    assert of("192.0.2.254", "garbage, 10.1.2.3") == "10.1.2.3"
+    assert of("192.0.2.254", "garbage, 192.0.2.241") == "192.0.2.241"
     assert of("192.0.2.254", "192.0.2.7, not-an-ip") == "192.0.2.254"
     assert of("192.0.2.254", "192.0.2.7:8080") == "192.0.2.254"  # ports are not addresses
     assert of("192.0.2.254") == "192.0.2.254"  # the proxy's own request
@@ -188,8 +189,8 @@ def test_client_address_walks_the_chain_from_the_right() -> None:
     assert of("::ffff:192.0.2.254", "192.0.2.7") == "192.0.2.7"
     assert of("192.0.2.254", "2001:db8:1:2:3:4:5:6") == "2001:db8:1:2::/64"
     assert of("unix:/tmp/s") is None
-    long_chain = ", ".join(["10.0.0.1"] * 1000)
-    assert of("192.0.2.254", "192.0.2.7, " + long_chain) == "10.0.0.1"  # hops are bounded
+    long_chain = ", ".join(["192.0.2.242"] * 1000)
+    assert of("192.0.2.254", "192.0.2.7, " + long_chain) == "192.0.2.242"  # hops are bounded
 
 
 def test_trusted_proxies_are_parsed_and_checked_at_start() -> None:
