@@ -21,9 +21,10 @@ Bounds, whatever a merchant uploads:
 - kept results: at most :data:`MAX_KEPT_PER_VOUCHER` entries per voucher (its first
   accepted redemption is kept beyond it), counted in the same hash (``#<voucher>``), so
   a merchant's sync hash holds at most ``(MAX_KEPT_PER_VOUCHER + 2)`` fields per voucher
-  of its own that its entries named. An entry past that quota is ``rejected`` with
-  ``too_many_entries``, leaves nothing, and is judged afresh if sent again. Real tills
-  scan a voucher a handful of times; the quota only stops a loop or a forger.
+  of its own that its entries named. An entry past that quota gets its answer like any
+  other (in practice ``conflict``: the voucher's first redemption is always kept) but
+  leaves nothing, so it is judged afresh if sent again: the contract's codes are kept.
+  Real tills scan a voucher a handful of times; the quota only stops a loop or a forger.
 - conflict events (``redeem_conflict``, kept in PostgreSQL for review): an entry past its
   voucher's quota is not sent to the script once the voucher is known to be redeemed by
   another entry, so a voucher logs at most the quota's worth of conflicts per upload
@@ -68,14 +69,12 @@ STATUSES = (ACCEPTED, DUPLICATE, CONFLICT, REJECTED)
 # Rejections of an entry that named a voucher of this merchant: kept like accepted and
 # conflict. The others (missing_entry_id, invalid_voucher, not_your_voucher) are not.
 KEPT_REJECTIONS = ("expired", "implausible_time")
-TOO_MANY = "too_many_entries"
 # Every code a rejected entry may carry.
 SYNC_CODES = (
     "invalid_voucher",
     "not_your_voucher",
     "missing_entry_id",
     *KEPT_REJECTIONS,
-    TOO_MANY,
 )
 
 
@@ -185,6 +184,8 @@ class _Entry:
     result: dict[str, Any] | None = None
     verified: VoucherToken | None = None
     at_ms: int = 0
+    # Past its voucher's quota: answered, but its result is not remembered.
+    unkept: bool = False
 
 
 def _result(
@@ -238,15 +239,6 @@ def _parse(raw: object, index: int, valid_id: Any) -> _Entry:
     return entry
 
 
-def _too_many(entry_id: str | None) -> dict[str, Any]:
-    return _rejected(
-        entry_id,
-        TOO_MANY,
-        f"This voucher already has {MAX_KEPT_PER_VOUCHER} synced entries on record; "
-        "this one was not recorded.",
-    )
-
-
 def _check(
     entry: _Entry,
     signer: VoucherSigner,
@@ -297,25 +289,32 @@ async def _redeem_in_order(
     Past it, an entry is sent to the script only while it could still be the voucher's
     first redemption (or that redemption replayed); its result would not be kept anyway.
     """
-    # The voucher's first redemption, (entry, merchant), once known; "" if none yet.
+    # The voucher's first redemption, (entry, merchant), and its time once known; "" if
+    # none yet.
     first: tuple[str, str] | str | None = None
+    first_ms: int | None = None
     for entry in entries:
         assert entry.verified is not None and entry.entry_id is not None
         if room <= 0:
             if first is None:
                 k = store.keys.for_deal(entry.verified.deal_id)
                 value = await store.hget(k.redemptions, entry.verified.voucher_id)
-                first = parse_redemption(value)[2:] if value else ""
-            if first and first != (entry.entry_id, merchant_id):
-                entry.result = _too_many(entry.entry_id)
+                first = ""
+                if value:
+                    first_ms, _device, first_entry, first_merchant = parse_redemption(value)
+                    first = (first_entry, first_merchant)
+            if first and first != (entry.entry_id, merchant_id) and first_ms is not None:
+                # A conflict, answered as one; neither remembered nor logged once more.
+                entry.result = _result(entry.entry_id, CONFLICT, None, first_ms)
+                entry.unkept = True
                 continue
         outcome, _at, first_at = await _run(
             store, entry.verified, merchant_id, device_id, entry.entry_id, entry.at_ms
         )
         if outcome == ACCEPTED:
-            first = (entry.entry_id, merchant_id)
+            first, first_ms = (entry.entry_id, merchant_id), first_at
         elif outcome == CONFLICT:
-            first = ("", "")  # another entry's: whose does not matter here
+            first, first_ms = ("", ""), first_at  # another entry's: whose does not matter
         if outcome == ACCEPTED:
             entry.result = _result(entry.entry_id, ACCEPTED, None, first_at)
         elif outcome == CONFLICT:
@@ -337,8 +336,7 @@ async def _redeem_in_order(
                 entry.entry_id, "invalid_voucher", "No such voucher was issued."
             )
         if _kept(entry.result):
-            if room <= 0 and outcome != ACCEPTED:
-                entry.result = _too_many(entry.entry_id)
+            entry.unkept = room <= 0 and outcome != ACCEPTED
             room -= 1
 
 
@@ -414,7 +412,11 @@ async def sync(
     # 4. Record the first results that are kept, within each voucher's quota (exactly:
     #    concurrent uploads meet in one script); the others are judged afresh when sent
     #    again. An entry a concurrent upload recorded first keeps that upload's result.
-    kept = [entry for entry in fresh if entry.result is not None and _kept(entry.result)]
+    kept = [
+        entry
+        for entry in fresh
+        if entry.result is not None and _kept(entry.result) and not entry.unkept
+    ]
     if kept:
         args: list[Any] = [MAX_KEPT_PER_VOUCHER, SYNC_ENTRIES_TTL_S]
         for entry in kept:
@@ -422,10 +424,9 @@ async def sync(
             packed = _pack(entry.result, _first_ms(entry.result))
             accepted = "1" if entry.result["status"] == ACCEPTED else "0"
             args += [entry.entry_id, entry.verified.voucher_id, packed, accepted]
-        recorded = await store.run("record_sync", (key,), args)
-        for entry, answer in zip(kept, recorded, strict=True):
-            if int(answer) == 0:
-                entry.result = _too_many(entry.entry_id)
+        # An entry the script does not keep (a concurrent upload filled the quota first)
+        # stays answered but not remembered, like any entry past the quota.
+        await store.run("record_sync", (key,), args)
     for entry in later_in_batch:
         assert entry.entry_id is not None
         first = first_in_batch[entry.entry_id].result
