@@ -1,84 +1,31 @@
-"""The API's read side in PostgreSQL (asyncpg); its exceptions are translated here.
+"""The API's read side in PostgreSQL: its queries, over the shared lazily connecting pool.
 
-The pool connects lazily (``min_size=0``) so the API starts, and claims go on, while
-PostgreSQL is down; ``/readyz`` says so.
+The pool connects lazily, so the API starts, and claims go on, while PostgreSQL is down;
+``/readyz`` says so. Every asyncpg failure is translated by ``database.errors``, the
+definition of "PostgreSQL is down" that the persister uses too.
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
-import asyncpg
+from database.pool import Database
 
-from engine.errors import DatabaseUnavailable
-
-_DOWN: tuple[type[BaseException], ...] = (
-    OSError,
-    asyncio.TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.TooManyConnectionsError,
-    asyncpg.InterfaceError,
-    asyncpg.AdminShutdownError,
-    asyncpg.CrashShutdownError,
-)
-
-# SQLSTATE classes that mean "PostgreSQL cannot serve now": connection (08), resources
-# such as a full disk (53), operator intervention or a statement timeout (57), system
-# I/O (58); and 25006, a read-only standby after a failover.
-_DOWN_CLASSES = ("08", "53", "57", "58")
+# A request waits at most this long for a connection (twice that in all): the API answers
+# 503 quickly rather than queueing requests behind a PostgreSQL that is away.
+CONNECT_TIMEOUT_S = 2.0
+# One query at most: the API's reads are small and indexed.
+COMMAND_TIMEOUT_S = 5.0
+POOL_MAX_SIZE = 10
 
 
-def _is_down(exc: BaseException) -> bool:
-    if isinstance(exc, _DOWN):
-        return True
-    state = getattr(exc, "sqlstate", None) or ""
-    return isinstance(exc, asyncpg.PostgresError) and (
-        state[:2] in _DOWN_CLASSES or state == "25006"
-    )
+class Records(Database):
+    """The API's PostgreSQL queries, on a small pool of its own."""
 
-
-class Records:
-    """A small pool for the API's PostgreSQL queries."""
-
-    def __init__(self, dsn: str, timeout_s: float = 2.0) -> None:
-        self.dsn = dsn
-        self.timeout_s = timeout_s
-        self._pool: Any = None
-
-    async def open(self) -> None:
-        self._pool = await asyncpg.create_pool(
-            self.dsn, min_size=0, max_size=10, timeout=self.timeout_s, command_timeout=5
+    def __init__(self, dsn: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+        super().__init__(
+            dsn, max_size=POOL_MAX_SIZE, timeout_s=timeout_s, command_timeout_s=COMMAND_TIMEOUT_S
         )
-
-    async def close(self) -> None:
-        if self._pool is not None:
-            await self._pool.close()
-
-    @asynccontextmanager
-    async def connection(self) -> AsyncIterator[Any]:
-        """A pooled connection; PostgreSQL being away becomes ``DatabaseUnavailable``."""
-        try:
-            async with asyncio.timeout(self.timeout_s * 3):
-                async with self._pool.acquire(timeout=self.timeout_s) as conn:
-                    yield conn
-        except asyncpg.UndefinedTableError as exc:
-            # Deployed before `flashsale migrate` ran: not ready, not our bug per request.
-            raise DatabaseUnavailable("The database has not been migrated yet.") from exc
-        except Exception as exc:
-            if _is_down(exc):
-                raise DatabaseUnavailable() from exc
-            raise
-
-    async def ping(self) -> bool:
-        try:
-            async with self.connection() as conn:
-                return bool(await conn.fetchval("SELECT 1") == 1)
-        except DatabaseUnavailable:
-            return False
 
     async def user_vouchers(
         self, user_id: str, limit: int, before: tuple[int, str] | None
@@ -92,10 +39,9 @@ class Records:
     async def dead_letter_count(self) -> int | None:
         """Rows in the persister's dead-letter table (None before the migrations ran)."""
         async with self.connection() as conn:
-            try:
-                return int(await conn.fetchval("SELECT count(*) FROM dead_letters"))
-            except asyncpg.UndefinedTableError:
+            if not await conn.fetchval("SELECT to_regclass('dead_letters') IS NOT NULL"):
                 return None
+            return int(await conn.fetchval("SELECT count(*) FROM dead_letters"))
 
 
 _USER_VOUCHERS_COLUMNS = """

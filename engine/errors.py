@@ -22,7 +22,7 @@
     │   └── RateLimited                  429 rate_limited
     ├── Unavailable                      a dependency is down (503, retryable)
     │   ├── StoreUnavailable             Redis / Valkey cannot be reached
-    │   ├── DatabaseUnavailable          PostgreSQL cannot be reached
+    │   ├── DatabaseUnavailable          PostgreSQL cannot serve now (database/errors.py)
     │   └── BacklogFull                  the stream is at its cap (PostgreSQL away too long)
     ├── StartupError                     refuse to start: a dependency is unsafe to use
     └── StreamGroupMissing               internal: the persister's consumer group is gone
@@ -31,7 +31,7 @@
 405 comes from the router (``api/errors.py``). Our own bugs are not in this tree:
 they surface as 500 with a request id.
 Redis exceptions are translated in ``engine/store.py`` and asyncpg ones in
-``persister/db.py``; no other module catches them.
+``database/errors.py``; no other module catches them.
 """
 
 from __future__ import annotations

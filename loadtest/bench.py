@@ -43,13 +43,14 @@ import asyncpg
 import orjson
 import redis.asyncio as aioredis
 
+from database.pool import Database
 from engine.deals import NewDeal, create_deal
 from engine.settings import Settings
 from engine.store import Store
 from engine.streams import stream_lag
 from flashsale.embedded import EmbeddedPostgres, EmbeddedRedis, die_with_parent, free_port
 from loadtest.peers import PG_SCHEMA, seed_lock_deal
-from persister.db import Database, migrate
+from persister.schema import migrate
 from persister.worker import Persister
 
 HERE = Path(__file__).resolve().parent

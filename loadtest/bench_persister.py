@@ -38,14 +38,15 @@ from pathlib import Path
 
 import asyncpg
 
+from database.pool import Database
 from engine.keys import STREAM_GROUP
 from engine.settings import Settings
 from engine.store import Store
 from engine.streams import parse_id, stream_lag
 from flashsale.embedded import EmbeddedPostgres, EmbeddedRedis
 from persister import queries
-from persister.db import Database, migrate
 from persister.events import Entry, parse
+from persister.schema import migrate
 from persister.worker import Persister
 
 PARTITIONS = 16

@@ -14,11 +14,12 @@ import sys
 from collections.abc import Coroutine
 from typing import Any
 
+from database.pool import Database
 from engine.errors import StartupError, Unavailable
 from engine.settings import Settings
 from engine.store import Store
-from persister.db import Database, check_schema
-from persister.db import migrate as apply_migrations
+from persister.schema import check_schema
+from persister.schema import migrate as apply_migrations
 
 log = logging.getLogger(__name__)
 

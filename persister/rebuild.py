@@ -13,12 +13,12 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from database.pool import Database
 from engine.claims import holder_value
 from engine.deals import DealHash
 from engine.redemptions import redemption_value
 from engine.store import Store
 from persister import queries, scan
-from persister.db import Database
 
 log = logging.getLogger(__name__)
 

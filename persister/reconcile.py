@@ -11,13 +11,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from database.pool import Database
 from engine.claims import parse_holder
 from engine.deals import DealHash
 from engine.store import Store
 from engine.streams import stream_lag
 from persister import queries, scan
 from persister.consumer import unacknowledged
-from persister.db import Database
 
 CHUNK = 500
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from database.errors import Transient
+from database.pool import Database
 from engine.store import Store
-from persister.db import Database, Transient
 from persister.events import Entry
 from persister.writer import Written, write_entries
 

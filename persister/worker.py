@@ -19,14 +19,16 @@ import random
 import time
 from dataclasses import dataclass
 
+from database.errors import Transient
+from database.pool import Database
 from engine.errors import DatabaseUnavailable, StoreUnavailable
 from engine.settings import Settings
 from engine.store import RawEntry, Store
 from persister.consumer import Consumer, ensure_groups
-from persister.db import Database, Transient, check_schema
 from persister.events import Entry, Parsed, parse
 from persister.leases import lease_consumer_name, release_lease, renew_lease
 from persister.retention import trim_acked
+from persister.schema import check_schema
 from persister.writer import Written, write_dead_letters, write_parsed
 
 log = logging.getLogger(__name__)

@@ -13,8 +13,9 @@ from typing import Any
 
 import orjson
 
+from database.errors import Refused, translated
+from database.pool import Database
 from persister import queries
-from persister.db import Database, Refused, translated
 from persister.events import Entry, Parsed, Rows, parse
 
 log = logging.getLogger(__name__)

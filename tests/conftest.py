@@ -63,7 +63,7 @@ def migrated_database_url(database_url: str) -> str:
     """The session's PostgreSQL with the schema migrated (once)."""
     import asyncio
 
-    from persister.db import migrate
+    from persister.schema import migrate
 
     asyncio.run(migrate(database_url))
     return database_url
@@ -77,6 +77,16 @@ def own_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def own_postgres(tmp_path: Path) -> Iterator[EmbeddedPostgres]:
+    """A PostgreSQL of this test's own, which the test may stop and start again."""
+    server = EmbeddedPostgres(tmp_path / "own-pg", fast=True).start()
+    try:
+        yield server
+    finally:
+        server.remove_data()
 
 
 def flush(url: str, cluster: bool) -> None:

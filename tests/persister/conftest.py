@@ -17,11 +17,11 @@ from typing import Any
 import asyncpg
 import pytest
 
+from database.pool import Database
 from engine.settings import Settings
 from engine.store import Store
 from engine.streams import stream_lag
-from flashsale.embedded import EmbeddedPostgres
-from persister.db import Database, migrate
+from persister.schema import migrate
 from persister.worker import Persister
 from tests.conftest import flush
 
@@ -97,16 +97,6 @@ async def pg(db_url: str) -> AsyncIterator[asyncpg.Connection]:
         yield conn
     finally:
         await conn.close()
-
-
-@pytest.fixture
-def own_postgres(tmp_path: Path) -> Iterator[EmbeddedPostgres]:
-    """A PostgreSQL of this test's own, which the test may stop and start again."""
-    server = EmbeddedPostgres(tmp_path / "own-pg", fast=True).start()
-    try:
-        yield server
-    finally:
-        server.remove_data()
 
 
 class HeldLock:

@@ -8,13 +8,14 @@ import asyncio
 import asyncpg
 import pytest
 
+from database.pool import Database
 from engine import claims
 from engine.deals import create_deal
 from engine.errors import DatabaseUnavailable
 from engine.settings import Settings
 from engine.store import Store
 from persister import cli
-from persister.db import Database, migrate, migrations
+from persister.schema import migrate, migrations
 from persister.worker import Persister
 from tests.helpers import new_deal
 from tests.persister.conftest import wait_caught_up
