@@ -1,4 +1,5 @@
-"""One tree of errors. Each carries its API ``code`` and HTTP ``status``.
+"""One tree of errors. Each carries its API ``code`` and HTTP ``status``, and the
+``exit_code`` a ``flashsale`` command ends with when it stops on it (``ExitCode``).
 
     FlashsaleError
     ├── ClientError                      the caller's mistake (4xx)
@@ -20,23 +21,38 @@
     │   ├── InvalidRequest               422 invalid_request
     │   │   └── InvalidVoucher           422 invalid_voucher
     │   └── RateLimited                  429 rate_limited
-    ├── Unavailable                      a dependency is down (503, retryable)
+    ├── Unavailable                      a dependency is down (503, retryable; exit 3)
     │   ├── StoreUnavailable             Redis / Valkey cannot be reached
     │   ├── DatabaseUnavailable          PostgreSQL cannot serve now (database/errors.py)
     │   └── BacklogFull                  the stream is at its cap (PostgreSQL away too long)
     ├── StartupError                     refuse to start: a dependency is unsafe to use
+    │                                    (exit 2, as a usage error)
     └── StreamGroupMissing               internal: the persister's consumer group is gone
                                          (Redis flushed or restored); it recreates it
 
 405 comes from the router (``api/errors.py``). Our own bugs are not in this tree:
 they surface as 500 with a request id.
+The persister's commands add three: ``NameTaken`` (every consumer name leased) and
+``RedisNotEmpty`` (rebuild without --force) are StartupErrors; ``NameLost`` (another process
+took this one's name) is a FlashsaleError, exit 1.
 Redis exceptions are translated in ``engine/store.py`` and asyncpg ones in
 ``database/errors.py``; no other module catches them.
 """
 
 from __future__ import annotations
 
+from enum import IntEnum
 from typing import Any
+
+
+class ExitCode(IntEnum):
+    """How a ``flashsale`` command ends (API.md); ``flashsale/cli.py`` maps errors to these."""
+
+    OK = 0
+    FAILED = 1  # it ran and found a problem (reconcile's differences, a lost consumer name)
+    USAGE = 2  # bad arguments or settings, or it refused to start (e.g. needs --force)
+    UNAVAILABLE = 3  # a dependency (Redis, PostgreSQL) could not be reached
+    INTERRUPTED = 130  # Ctrl-C: 128 + SIGINT, as shells report it
 
 
 class FlashsaleError(Exception):
@@ -45,6 +61,7 @@ class FlashsaleError(Exception):
     code = "error"
     status = 500
     message = "Something went wrong."
+    exit_code = ExitCode.FAILED
 
     def __init__(self, message: str | None = None, **details: Any) -> None:
         super().__init__(message or self.message)
@@ -133,6 +150,7 @@ class RateLimited(ClientError):
 class Unavailable(FlashsaleError):
     status, code, message = 503, "unavailable", "The service is temporarily unavailable."
     retry_after_s = 1
+    exit_code = ExitCode.UNAVAILABLE
 
 
 class StoreUnavailable(Unavailable):
@@ -153,6 +171,8 @@ class BacklogFull(Unavailable):
 
 class StartupError(FlashsaleError):
     """A dependency is unsafe to use (e.g. an evicting Redis): refuse to start."""
+
+    exit_code = ExitCode.USAGE
 
 
 class StreamGroupMissing(FlashsaleError):

@@ -52,6 +52,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import ECAlgorithm
 
+from engine.errors import ExitCode, FlashsaleError
 from engine.deals import MAX_REDEEM_AFTER_END_MS, MAX_WINDOW_MS
 
 log = logging.getLogger(__name__)
@@ -197,8 +198,10 @@ class Schedule:
 # -- the keys directory ----------------------------------------------------------------
 
 
-class KeyDirError(Exception):
+class KeyDirError(FlashsaleError):
     """The keys directory cannot do what was asked; the message says why."""
+
+    exit_code = ExitCode.USAGE
 
 
 def _schedule_path(keys_dir: Path, kid: str) -> Path:

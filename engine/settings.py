@@ -10,6 +10,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
+from engine.errors import ExitCode
+
 Durability = Literal["redis", "aof"]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -18,6 +20,8 @@ _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 class SettingsError(ValueError):
     """A ``FLASHSALE_*`` variable holds a value that cannot be used."""
+
+    exit_code = ExitCode.USAGE
 
 
 def parse_duration_s(text: str) -> float:

@@ -1,19 +1,18 @@
 """``flashsale keys rotate|revoke|list``: the voucher signing keys in the keys directory.
 
 Everything happens in the directory (see :mod:`engine.keyring`): API processes sharing it
-follow within 10 seconds, without a restart. Exit codes: 0 done; 2 usage (no such key).
+follow within 10 seconds, without a restart. Exit codes: 0 done; 2 usage (no such key:
+``KeyDirError`` carries it).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 
-from engine.keyring import KeyDirError, KeyStatus, list_keys, read_times, revoke_key, rotate_key
-from engine.settings import Settings
+from engine.errors import ExitCode
+from engine.keyring import KeyStatus, list_keys, read_times, revoke_key, rotate_key
 from engine.times import to_rfc3339
-
-EXIT_OK, EXIT_USAGE = 0, 2
+from flashsale import wiring
 
 
 def add_commands(keys_sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -25,43 +24,51 @@ def add_commands(keys_sub: argparse._SubParsersAction) -> None:  # type: ignore[
     rotate.add_argument(
         "--now", action="store_true", help="sign with it at once (an emergency: tills lack it)"
     )
+    rotate.set_defaults(handler=rotate_command)
     revoke = keys_sub.add_parser(
         "revoke", help="withdraw a key (compromised): its vouchers get re-signed"
     )
     revoke.add_argument("kid", help="the key id, as `flashsale keys list` shows it")
-    keys_sub.add_parser("list", help="each key's kid, state and dates")
+    revoke.set_defaults(handler=revoke_command)
+    keys_sub.add_parser("list", help="each key's kid, state and dates").set_defaults(
+        handler=list_command
+    )
 
 
-def run(settings: Settings, args: argparse.Namespace) -> int:
+def rotate_command(*, now: bool) -> int:
+    """Write a new key: published at once, signing after the prepublication time."""
+    settings = wiring.resolve()
     keys_dir = settings.signing_keys_dir
-    if args.keys_command == "rotate":
-        prepublish_ms = 0 if args.now else int(settings.key_prepublish_s * 1000)
-        kid = rotate_key(keys_dir, prepublish_ms)
-        signs_from = read_times(keys_dir, kid).signs_from_ms
-        print(
-            f"new key {kid}: published now (API processes within 10 seconds),"
-            f" signing from {to_rfc3339(signs_from)}"
-        )
-        return EXIT_OK
-    if args.keys_command == "revoke":
-        try:
-            done = revoke_key(keys_dir, args.kid)
-        except KeyDirError as exc:
-            print(f"flashsale keys revoke: {exc}", file=sys.stderr)
-            return EXIT_USAGE
-        if done.already:
-            print(f"key {done.kid} was already revoked")
-            return EXIT_OK
-        if done.replacement:
-            print(f"key {done.kid} was signing: new key {done.replacement} signs at once")
-        print(
-            f"revoked {done.kid}: withdrawn from the JWKS within 10 seconds;"
-            " its vouchers are served re-signed by the current key"
-        )
-        return EXIT_OK
+    kid = rotate_key(keys_dir, 0 if now else int(settings.key_prepublish_s * 1000))
+    signs_from = read_times(keys_dir, kid).signs_from_ms
+    print(
+        f"new key {kid}: published now (API processes within 10 seconds),"
+        f" signing from {to_rfc3339(signs_from)}"
+    )
+    return ExitCode.OK
+
+
+def revoke_command(*, kid: str) -> int:
+    """Withdraw a key; a key that signs now is replaced by one that signs at once."""
+    done = revoke_key(wiring.resolve().signing_keys_dir, kid)  # KeyDirError: exit 2
+    if done.already:
+        print(f"key {done.kid} was already revoked")
+        return ExitCode.OK
+    if done.replacement:
+        print(f"key {done.kid} was signing: new key {done.replacement} signs at once")
+    print(
+        f"revoked {done.kid}: withdrawn from the JWKS within 10 seconds;"
+        " its vouchers are served re-signed by the current key"
+    )
+    return ExitCode.OK
+
+
+def list_command() -> int:
+    """Each key's kid, state and dates."""
+    keys_dir = wiring.resolve().signing_keys_dir
     statuses = list_keys(keys_dir)
     print(table(statuses) if statuses else f"no keys in {keys_dir} yet (the API writes one)")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _when(ms: int | None) -> str:

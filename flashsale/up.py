@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import signal
@@ -11,13 +10,11 @@ import sys
 import threading
 from typing import Any
 
-import uvicorn
-
 from engine.settings import Settings
 from flashsale import wiring
 from flashsale.embedded import EmbeddedPostgres, EmbeddedRedis, die_with_parent
 from flashsale.private import private_dir
-from flashsale.serve import export_env
+from flashsale.serve import choose_server, export_env, serve
 
 
 def _start_servers(settings: Settings, started: list[Any]) -> Settings:
@@ -82,8 +79,13 @@ class PersisterSupervisor:
                 proc.kill()
 
 
-def up(args: argparse.Namespace) -> int:
-    """Start embedded servers (unless URLs are set), migrate, run persister and API."""
+def up(*, host: str, port: int, demo: bool = False, server: str | None = None) -> int:
+    """Start embedded servers (unless URLs are set), migrate, run persister and API.
+
+    The API runs under the server ``flashsale serve`` would choose (``server``, else
+    ``FLASHSALE_SERVER``, else the default), in one worker.
+    """
+    server_name = choose_server(server)  # a wrong name is refused before anything starts
     settings = Settings.from_env()
     # Passwords, keys and server data live here: for our user alone.
     private_dir(settings.data_dir)
@@ -92,33 +94,19 @@ def up(args: argparse.Namespace) -> int:
     try:
         settings = wiring.resolve(_start_servers(settings, started))
         wiring.write_servers(settings)
-        import persister.cli as persister_cli
+        from persister import cli as persister_cli
 
-        code = asyncio.run(persister_cli.migrate(settings, argparse.Namespace(command="migrate")))
-        if code != 0:
-            print("flashsale up: migrations failed; not starting", file=sys.stderr)
-            return code
+        asyncio.run(persister_cli.migrate(settings))
         persister = PersisterSupervisor(settings)
-        if args.demo:
+        if demo:
             from flashsale.demo import seed
 
-            asyncio.run(seed(settings, f"http://{args.host}:{args.port}"))
-        from api.app import create_app
-
-        uvicorn.run(
-            create_app(settings),
-            host=args.host,
-            port=args.port,
-            loop="uvloop",
-            http="httptools",
-            access_log=False,
-            timeout_graceful_shutdown=5,
-        )
-        return 0
+            asyncio.run(seed(settings, f"http://{host}:{port}"))
+        return serve(settings, host, port, workers=1, server=server_name)
     finally:
         if persister is not None:
             persister.stop()
-        for server in reversed(started):
-            server.stop()
+        for embedded in reversed(started):
+            embedded.stop()
         wiring.clear_servers(settings)
         print("flashsale up: stopped")

@@ -6,12 +6,13 @@ from __future__ import annotations
 import os
 import socket
 
+from engine.errors import StartupError
 from engine.keys import consumer_lease_key
 from engine.store import Store
 
 
-class NameTaken(Exception):
-    """Every consumer slot on this host is leased by a live process."""
+class NameTaken(StartupError):
+    """Every consumer slot on this host is leased by a live process: refuse to start."""
 
 
 async def lease_consumer_name(store: Store, ttl_ms: int, slots: int = 64) -> tuple[str, str]:

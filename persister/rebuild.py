@@ -16,6 +16,7 @@ from typing import Any
 from database.pool import Database
 from engine.claims import holder_value
 from engine.deals import DealHash
+from engine.errors import StartupError
 from engine.redemptions import redemption_value
 from engine.store import Store
 from persister import queries, scan
@@ -25,8 +26,8 @@ log = logging.getLogger(__name__)
 CHUNK = 500
 
 
-class RedisNotEmpty(Exception):
-    """Redis already holds deals: rebuilding over them needs ``--force``."""
+class RedisNotEmpty(StartupError):
+    """Redis already holds deals: rebuilding over them needs ``--force`` (exit 2)."""
 
 
 @dataclass(slots=True)

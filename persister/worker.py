@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from database.errors import Transient
 from database.pool import Database
-from engine.errors import DatabaseUnavailable, StoreUnavailable
+from engine.errors import DatabaseUnavailable, FlashsaleError, StoreUnavailable
 from engine.settings import Settings
 from engine.store import RawEntry, Store
 from persister.consumer import Consumer, ensure_groups
@@ -48,8 +48,9 @@ class Stats:
     db_down_s: float = 0.0
 
 
-class NameLost(Exception):
-    """Another process holds this persister's consumer name now (our lease lapsed)."""
+class NameLost(FlashsaleError):
+    """Another process holds this persister's consumer name now (our lease lapsed): stop,
+    exit 1 (``flashsale up`` starts a persister again)."""
 
 
 class Backoff:
@@ -382,4 +383,4 @@ async def _renew(
             continue
         log.error("another process took the consumer name %s: stopping this persister", name)
         persister.stop()
-        raise NameLost(f"another process took the consumer name {name}")
+        raise NameLost(f"another process took the consumer name {name}; stopped")

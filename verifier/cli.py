@@ -60,41 +60,46 @@ def _parser() -> argparse.ArgumentParser:
     pull = sub.add_parser("pull-keys", help="download and cache the server's JWKS")
     pull.add_argument("--server", required=True, help="e.g. https://api.example.com")
     pull.add_argument("--state", type=Path, default=None, help=state_help)
+    pull.set_defaults(handler=pull_keys)
 
-    check = sub.add_parser("check", help="verify a scanned token offline and log it")
-    check.add_argument("token")
-    check.add_argument("--merchant", required=True, help="this till's merchant id")
-    check.add_argument("--state", type=Path, default=None, help=state_help)
+    checking = sub.add_parser("check", help="verify a scanned token offline and log it")
+    checking.add_argument("token")
+    checking.add_argument(
+        "--merchant", dest="merchant_id", required=True, help="this till's merchant id"
+    )
+    checking.add_argument("--state", type=Path, default=None, help=state_help)
+    checking.set_defaults(handler=check)
 
-    sync = sub.add_parser("sync", help="upload the redemptions not yet synced")
-    sync.add_argument("--server", required=True)
-    sync.add_argument(
+    syncing = sub.add_parser("sync", help="upload the redemptions not yet synced")
+    syncing.add_argument("--server", required=True)
+    syncing.add_argument(
         "--token", required=True, help="the merchant's API token (uploads its entries only)"
     )
-    sync.add_argument("--state", type=Path, default=None, help=state_help)
+    syncing.add_argument("--state", type=Path, default=None, help=state_help)
+    syncing.set_defaults(handler=sync)
     return p
 
 
 def main(argv: list[str]) -> int:
-    """Run one verifier command; returns the exit code."""
+    """Run one verifier command (the handler its parser names, given the state and the
+    command's options as keyword arguments); returns the exit code."""
     parser = _parser()
     try:
-        args = parser.parse_args(argv)
+        options = vars(parser.parse_args(argv))
     except SystemExit as exc:  # -h, or a usage error
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    handler = options.pop("handler")
+    state_dir = options.pop("state")
+    del options["command"]
     try:
-        state = State(args.state or default_dir())
+        state = State(state_dir or default_dir())
     except (UnsafeStateDir, OSError, sqlite3.Error) as exc:
         print(f"cannot use the state directory: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if state.notice:
         print(state.notice, file=sys.stderr)
     try:
-        if args.command == "pull-keys":
-            return pull_keys(state, args.server)
-        if args.command == "check":
-            return check(state, args.token, args.merchant)
-        return sync(state, args.server, args.token)
+        return int(handler(state, **options))
     finally:
         state.close()
 

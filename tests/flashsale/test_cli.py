@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import contextlib
+import inspect
 import json
 import os
 import signal
@@ -16,7 +19,11 @@ import httpx
 import jwt
 import pytest
 
+from engine.errors import ExitCode
+from flashsale import cli
 from flashsale.embedded import EmbeddedPostgres, free_port
+from tests.conftest import flush
+from tests.persister.conftest import drop_database, fresh_database
 
 FLASHSALE = [sys.executable, "-m", "flashsale"]
 
@@ -66,6 +73,14 @@ def _persister(pid: int) -> int | None:
             if b"persist" in cmd and _alive(child):
                 return child
     return None
+
+
+def _end(proc: subprocess.Popen[bytes]) -> None:
+    """Kill the command if a failed assertion left it running; close its pipe."""
+    if proc.poll() is None:
+        proc.kill()
+    if proc.stdout:
+        proc.stdout.close()
 
 
 def _alive(pid: int) -> bool:
@@ -123,10 +138,7 @@ def test_serve_answers_and_stops_on_sigterm(tmp_path: Path, redis_url: str) -> N
         text = log.read_text()
         assert "Application shutdown complete" in text and "Traceback" not in text
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        if proc.stdout:
-            proc.stdout.close()
+        _end(proc)
 
 
 @pytest.mark.timeout(180)
@@ -145,8 +157,9 @@ def test_up_starts_everything_answers_and_ctrl_c_stops_all(tmp_path: Path) -> No
     try:
         url = f"http://127.0.0.1:{port}"
         _wait_healthy(url, proc, 120)
-        ready = httpx.get(f"{url}/readyz", timeout=5).json()
-        assert ready["checks"] == {"redis": "ok", "postgres": "ok"}
+        ready = httpx.get(f"{url}/readyz", timeout=5)
+        assert ready.json()["checks"] == {"redis": "ok", "postgres": "ok"}
+        assert ready.headers["server"] == "uvicorn"  # FLASHSALE_SERVER unset: the default
         nearby = httpx.get(f"{url}/v1/deals", params={"lat": 12.9716, "lng": 77.5946}).json()
         assert nearby["count"] >= 3
         first = _persister(proc.pid)
@@ -170,11 +183,49 @@ def test_up_starts_everything_answers_and_ctrl_c_stops_all(tmp_path: Path) -> No
         assert not (tmp_path / "data" / "servers.json").exists()
         assert _mode(tmp_path) == 0o700, "starting the servers changed the parent's mode"
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        if proc.stdout:
-            proc.stdout.close()
+        _end(proc)
         EmbeddedPostgres(tmp_path / "data" / "postgres").remove_data()
+
+
+def test_up_runs_the_api_under_the_server_flashsale_server_names(
+    tmp_path: Path, redis_url: str, database_url: str
+) -> None:
+    """FLASHSALE_SERVER=granian: `flashsale up` (URLs set, so no embedded servers) serves
+    the API under granian, and Ctrl-C stops it and the persister."""
+    flush(redis_url, False)
+    dsn = asyncio.run(fresh_database(database_url))
+    port = free_port()
+    env = _env(
+        tmp_path,
+        FLASHSALE_REDIS_URL=redis_url,
+        FLASHSALE_DATABASE_URL=dsn,
+        FLASHSALE_SERVER="granian",
+    )
+    up = [*FLASHSALE, "up", "--port", str(port)]
+    proc = subprocess.Popen(up, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_healthy(url, proc)
+        ready = httpx.get(f"{url}/readyz", timeout=5)
+        assert ready.status_code == 200, ready.text
+        assert ready.headers["server"] == "granian"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) in (0, 130)
+        output = proc.stdout.read().decode() if proc.stdout else ""
+        assert "flashsale up: stopped" in output and "Traceback" not in output
+    finally:
+        _end(proc)
+        asyncio.run(drop_database(database_url, dsn))
+
+
+def test_up_refuses_an_unknown_server_before_starting_anything(tmp_path: Path) -> None:
+    env = _env(tmp_path, FLASHSALE_SERVER="gunicorn")
+    up = [*FLASHSALE, "up", "--port", str(free_port())]
+    done = subprocess.run(up, env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    assert "flashsale up: FLASHSALE_SERVER must be one of uvicorn, granian" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "data" / "redis").exists()
 
 
 def _mode(path: Path) -> int:
@@ -225,3 +276,76 @@ def test_serve_with_two_workers_sums_their_metrics(tmp_path: Path, redis_url: st
             proc.wait(20)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+# -- one error model: errors carry their exit code, reported once in one line ---------
+
+
+def _main_in(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, argv: list[str], **env: str) -> int:
+    """``flashsale ARGV`` in this process, with only the given FLASHSALE_* variables."""
+    for name in [k for k in os.environ if k.startswith("FLASHSALE_")]:
+        monkeypatch.delenv(name)
+    for name, value in _env(tmp_path, **env).items():
+        if name.startswith("FLASHSALE_"):
+            monkeypatch.setenv(name, value)
+    return cli.main(argv)
+
+
+def test_an_unreachable_database_is_exit_3_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    down = "postgresql://postgres@127.0.0.1:1/none"
+    code = _main_in(monkeypatch, tmp_path, ["migrate"], FLASHSALE_DATABASE_URL=down)
+    assert code == ExitCode.UNAVAILABLE == 3
+    err = capsys.readouterr().err
+    assert err.startswith("flashsale migrate: The database cannot be reached. (")
+    assert len(err.splitlines()) == 1
+
+
+def test_a_bad_setting_is_a_usage_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["token", "--role", "user", "--sub", "u-1"]
+    code = _main_in(monkeypatch, tmp_path, argv, FLASHSALE_PARTITIONS="many")
+    assert code == ExitCode.USAGE == 2
+    assert capsys.readouterr().err.startswith("flashsale token: FLASHSALE_PARTITIONS must be")
+
+
+def test_a_bad_argument_is_argparses_usage_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["token", "--role", "user", "--sub", "u-1", "--ttl", "soon"]
+    with pytest.raises(SystemExit) as exited:
+        _main_in(monkeypatch, tmp_path, argv)
+    assert exited.value.code == 2
+    assert "argument --ttl: not a duration: 'soon'" in capsys.readouterr().err
+
+
+def test_a_value_error_from_a_bug_is_not_turned_into_a_usage_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Only settings and arguments are usage errors: a bug keeps its traceback."""
+
+    def buggy(**options: object) -> int:
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(cli, "_keys_rotate", buggy)
+    with pytest.raises(ValueError, match="a bug"):
+        _main_in(monkeypatch, tmp_path, ["keys", "rotate"])
+
+
+def test_every_command_is_dispatched_by_its_parser_with_keyword_options() -> None:
+    """Each subcommand names its handler; the handler takes exactly the command's options."""
+    parser = cli._parser()
+    commands = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    for name, sub in commands.items():
+        if name == "verifier":  # handed to verifier/cli.py unparsed
+            continue
+        nested = [a for a in sub._actions if isinstance(a, argparse._SubParsersAction)]
+        for parsed in [p for a in nested for p in a.choices.values()] or [sub]:
+            handler = parsed.get_default("handler")
+            assert callable(handler), name
+            options = {a.dest for a in parsed._actions if a.dest not in ("help", "handler")}
+            params = inspect.signature(handler).parameters
+            assert set(params) == options, name
+            assert all(p.kind is p.KEYWORD_ONLY for p in params.values()), name

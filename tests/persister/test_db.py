@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 
 import asyncpg
@@ -25,7 +24,7 @@ async def test_migrate_is_idempotent_and_records_versions(
     db_url: str, pg: asyncpg.Connection, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert await migrate(db_url) == []  # the fixture already migrated
-    assert await cli.migrate(Settings(database_url=db_url), argparse.Namespace()) == 0
+    assert await cli.migrate(Settings(database_url=db_url)) == 0
     assert "up to date" in capsys.readouterr().out
     versions = [r["version"] for r in await pg.fetch("SELECT version FROM schema_migrations")]
     assert versions == [m.version for m in migrations()]

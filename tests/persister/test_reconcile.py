@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
+import asyncio
 
 import asyncpg
 import pytest
@@ -12,15 +12,16 @@ from engine.deals import cancel_deal, create_deal, get_deal
 from engine.errors import SoldOut
 from engine.settings import Settings
 from engine.store import Store
+from flashsale import cli as flashsale_cli
 from persister import cli
 from tests.helpers import new_deal
-from tests.persister.conftest import running_persister, wait_caught_up
+from tests.persister.conftest import env_for, running_persister, wait_caught_up
 
 
 async def _reconcile(
     settings: Settings, capsys: pytest.CaptureFixture[str], wait: float = 5.0
 ) -> tuple[int, str]:
-    code = await cli.reconcile(settings, argparse.Namespace(command="reconcile", wait=wait))
+    code = await cli.reconcile(settings, wait_s=wait)
     return code, capsys.readouterr().out
 
 
@@ -41,9 +42,7 @@ async def test_a_deleted_row_is_named_by_reconcile_and_restored_by_replay(
         assert f"voucher_missing_in_postgres deal={deal.id} voucher={held[2].voucher_id}" in out
         assert "seq=3 user=u-2" in out
         assert "seq_gap" not in out or "missing seq [3]" in out
-        code = await cli.replay(
-            psettings, argparse.Namespace(command="replay", from_id="-", to_id="+")
-        )
+        code = await cli.replay(psettings, from_id="-", to_id="+")
         assert code == 0
         assert "1 voucher(s) written again" in capsys.readouterr().out
         code, out = await _reconcile(psettings, capsys)
@@ -75,7 +74,11 @@ async def test_reconcile_reports_each_kind_of_difference(
 
 
 async def test_rebuild_redis_restores_inventory_winners_and_no_sold_stock(
-    psettings: Settings, pstore: Store, pg: asyncpg.Connection, capsys: pytest.CaptureFixture[str]
+    psettings: Settings,
+    pstore: Store,
+    pg: asyncpg.Connection,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Redis flushed, rebuilt from PostgreSQL: the same deal hashes (field for field, as
     create_deal.lua and the claims left them), same vouchers, nothing resold."""
@@ -87,12 +90,17 @@ async def test_rebuild_redis_restores_inventory_winners_and_no_sold_stock(
     await cancel_deal(pstore, gone.id, "m-1")
     async with running_persister(psettings):
         await wait_caught_up(pstore)
-    args = argparse.Namespace(command="rebuild-redis", force=False)
-    assert await cli.rebuild_redis(psettings, args) == 2  # Redis is not empty
-    assert "use --force" in capsys.readouterr().err
+    # Redis is not empty: `flashsale rebuild-redis` refuses, exit 2, in one line.
+    for name, value in env_for(psettings).items():
+        if name.startswith("FLASHSALE_"):
+            monkeypatch.setenv(name, value)
+    assert await asyncio.to_thread(flashsale_cli.main, ["rebuild-redis"]) == 2
+    err = capsys.readouterr().err
+    assert "flashsale rebuild-redis: Redis already holds deals; use --force" in err
+    assert "Traceback" not in err
     hashes = [await pstore.client.hgetall(pstore.keys.for_deal(d.id).deal) for d in (deal, gone)]
     await pstore.client.flushall()
-    assert await cli.rebuild_redis(psettings, args) == 0
+    assert await cli.rebuild_redis(psettings) == 0
     assert "restored 2 deal(s), 6 voucher(s)" in capsys.readouterr().out
     for d, before in zip((deal, gone), hashes, strict=True):
         assert await pstore.client.hgetall(pstore.keys.for_deal(d.id).deal) == before
