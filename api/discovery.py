@@ -12,9 +12,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from api.app import Services, background, services
+from api.services import Services, background, services
 from api.validation import query_int, query_number
-from engine.deals import LAT_MAX
+from engine.deals import LAT_MAX, LNG_MAX
 from engine.discovery import Discovery, render
 from engine.errors import InvalidRequest, StoreUnavailable
 
@@ -26,17 +26,11 @@ LIMIT_DEFAULT = 20
 LIMIT_MAX = 100
 
 
-def discovery(request: Request) -> Discovery:
-    """This app's ``Discovery`` (built in the lifespan)."""
-    found: Discovery = services(request).extras["discovery"]
-    return found
-
-
 async def nearby(request: Request) -> Response:
     params = request.query_params
     problems: dict[str, str] = {}
     lat = query_number(params, "lat", problems, default=None, low=-LAT_MAX, high=LAT_MAX)
-    lng = query_number(params, "lng", problems, default=None, low=-180.0, high=180.0)
+    lng = query_number(params, "lng", problems, default=None, low=-LNG_MAX, high=LNG_MAX)
     radius = query_number(
         params, "radius_km", problems, default=RADIUS_DEFAULT_KM, low=0.0, high=RADIUS_MAX_KM,
         low_open=True,
@@ -46,7 +40,7 @@ async def nearby(request: Request) -> Response:
         names = ", ".join(sorted(problems))
         raise InvalidRequest(f"Invalid query parameters: {names}.", fields=problems)
     assert lat is not None and lng is not None and radius is not None and limit is not None
-    found = await discovery(request).nearby(lat, lng, radius, limit)
+    found = await services(request).discovery.nearby(lat, lng, radius, limit)
     # The same bytes as json({"deals": [n.to_json() ...], "count": n}), from fragments.
     return Response(render(found), media_type="application/json")
 
@@ -65,17 +59,13 @@ async def _sweep_forever(d: Discovery, interval_s: float, jitter: float) -> None
 
 @asynccontextmanager
 async def lifespan(svc: Services) -> AsyncIterator[None]:
-    d = Discovery(svc.store)
-    svc.extras["discovery"] = d
-    try:
-        settings = svc.settings
-        sweeping = _sweep_forever(
-            d, settings.discovery_sweep_interval_s, settings.discovery_sweep_jitter
-        )
-        async with background(sweeping):
-            yield
-    finally:
-        await d.close()
+    """Sweep ended deals out of the geo indexes in the background."""
+    settings = svc.settings
+    sweeping = _sweep_forever(
+        svc.discovery, settings.discovery_sweep_interval_s, settings.discovery_sweep_jitter
+    )
+    async with background(sweeping):
+        yield
 
 
 routes = [Route("/v1/deals", nearby, methods=["GET"])]

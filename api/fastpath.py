@@ -12,23 +12,12 @@ a bug into the JSON 500.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
-
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 PREFIX = "/v1/deals/"
 SUFFIX = "/claims"
 PATH = PREFIX + "{deal_id}" + SUFFIX
-
-
-def claim_route(routes: Sequence[Any]) -> Route | None:
-    """The app's ``POST /v1/deals/{deal_id}/claims`` route, if it has one."""
-    for route in routes:
-        if isinstance(route, Route) and route.path == PATH and "POST" in (route.methods or ()):
-            return route
-    return None
 
 
 class ClaimFastPath:

@@ -36,10 +36,14 @@ def json(content: Any, status: int = 200, headers: dict[str, str] | None = None)
     return JSONResponse(content, status_code=status, headers=headers)
 
 
+def size_text(limit_bytes: int) -> str:
+    """A body limit as people read it: ``64 KiB``, ``1 MiB``."""
+    mib, rest = divmod(limit_bytes, 1024 * 1024)
+    return f"{mib} MiB" if rest == 0 else f"{limit_bytes // 1024} KiB"
+
+
 def _too_large(limit: int) -> PayloadTooLarge:
-    mib, rest = divmod(limit, 1024 * 1024)
-    size = f"{mib} MiB" if rest == 0 else f"{limit // 1024} KiB"
-    return PayloadTooLarge(f"The request body is over {size}.", limit_bytes=limit)
+    return PayloadTooLarge(f"The request body is over {size_text(limit)}.", limit_bytes=limit)
 
 
 async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:

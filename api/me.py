@@ -12,8 +12,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from api.app import services
 from api.jsonio import json
+from api.services import services
 from api.validation import query_int, valid_id
 from engine import base64url
 from engine.claims import Voucher
@@ -22,6 +22,7 @@ from engine.vouchers import voucher_json
 
 DEFAULT_LIMIT = 20
 MAX_LIMIT = 100
+CURSOR_MAX_CHARS = 200  # ours are under 120 (a 15-digit time and a 64-character id)
 
 
 def encode_cursor(claimed_ms: int, voucher_id: str) -> str:
@@ -30,7 +31,7 @@ def encode_cursor(claimed_ms: int, voucher_id: str) -> str:
 
 def decode_cursor(cursor: str) -> tuple[int, str]:
     """``(claimed_at_ms, voucher_id)``; ``ValueError`` if it is not one of ours."""
-    if len(cursor) > 200:
+    if len(cursor) > CURSOR_MAX_CHARS:
         raise ValueError("too long")
     raw = base64url.decode(cursor).decode()  # a UnicodeDecodeError is a ValueError
     ms, sep, voucher_id = raw.partition(":")

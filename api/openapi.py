@@ -5,13 +5,24 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
+from api import discovery, me
+from api.jsonio import MAX_BODY_BYTES, size_text
 from api.validation import ID_MAX_CHARS, ID_PATTERN
-from engine.deals import LAT_MAX
-from engine.redemptions import SYNC_CODES
+from api.vouchers import SYNC_MAX_BODY_BYTES
+from engine import deals
+from engine.redemptions import MAX_SYNC_ENTRIES, SYNC_CODES
+from engine.times import MS_PER_DAY
 from engine.vouchers import MAX_TOKEN_CHARS
 
+# Every bound below is the constant its validator uses (tests/api/test_openapi.py checks
+# each against the running API).
 _ID = {"type": "string", "pattern": ID_PATTERN, "maxLength": ID_MAX_CHARS}
 _TIME = {"type": "string", "format": "date-time"}
+_LAT = {"type": "number", "minimum": -deals.LAT_MAX, "maximum": deals.LAT_MAX}
+_LNG = {"type": "number", "minimum": -deals.LNG_MAX, "maximum": deals.LNG_MAX}
+_WINDOW_DAYS = deals.MAX_WINDOW_MS // MS_PER_DAY
+_REDEEM_DAYS = deals.MAX_REDEEM_AFTER_END_MS // MS_PER_DAY
+_REDEEM_DEFAULT_DAYS = deals.DEFAULT_REDEEM_AFTER_END_MS // MS_PER_DAY
 _BEARER: list[dict[str, list[str]]] = [{"bearer": []}]
 
 
@@ -32,14 +43,14 @@ _RETRY_AFTER = {
 }
 
 
-def _errors(*statuses: int, body_limit: str = "64 KiB") -> dict[str, Any]:
+def _errors(*statuses: int, body_limit: int = MAX_BODY_BYTES) -> dict[str, Any]:
     text = {
         400: "The body is not JSON",
         401: "Missing, malformed, expired or badly signed token",
         403: "Wrong role or not the owner",
         404: "Not found",
         409: "Refused by the deal's state",
-        413: f"Body over {body_limit}",
+        413: f"Body over {size_text(body_limit)}",
         422: "Invalid request: JSON of the wrong shape, or bad fields (details name each)",
         503: "A dependency is down; retry after Retry-After seconds",
     }
@@ -77,21 +88,29 @@ _SCHEMAS: dict[str, Any] = {
             "title": {
                 "type": "string",
                 "minLength": 1,
-                "maxLength": 200,
+                "maxLength": deals.TITLE_MAX_CHARS,
                 "description": "Not blank; no control characters but tab and newlines",
             },
             "description": {
                 "type": "string",
-                "maxLength": 2000,
+                "maxLength": deals.DESCRIPTION_MAX_CHARS,
                 "nullable": True,
                 "description": "No control characters but tab and newlines",
             },
-            "lat": {"type": "number", "minimum": -LAT_MAX, "maximum": LAT_MAX},
-            "lng": {"type": "number", "minimum": -180, "maximum": 180},
-            "inventory": {"type": "integer", "minimum": 1, "maximum": 1_000_000},
-            "starts_at": {**_TIME, "nullable": True},
-            "ends_at": _TIME,
-            "redeem_until": {**_TIME, "nullable": True},
+            "lat": _LAT,
+            "lng": _LNG,
+            "inventory": {"type": "integer", "minimum": 1, "maximum": deals.INVENTORY_MAX},
+            "starts_at": {**_TIME, "nullable": True, "description": "Default: now"},
+            "ends_at": {
+                **_TIME,
+                "description": f"In the future; at most {_WINDOW_DAYS} days after starts_at",
+            },
+            "redeem_until": {
+                **_TIME,
+                "nullable": True,
+                "description": f"Not before ends_at; at most {_REDEEM_DAYS} days after it. "
+                f"Default: ends_at + {_REDEEM_DEFAULT_DAYS} days",
+            },
         },
         ["title", "lat", "lng", "inventory", "ends_at"],
         extra=False,
@@ -192,7 +211,7 @@ _SCHEMAS: dict[str, Any] = {
             "device_id": _ID,
             "entries": {
                 "type": "array",
-                "maxItems": 1000,
+                "maxItems": MAX_SYNC_ENTRIES,
                 "items": _obj(
                     {
                         "entry_id": {
@@ -314,22 +333,26 @@ def _paths() -> dict[str, Any]:
             "get": {
                 "summary": "Active deals near a point, nearest first (public)",
                 "parameters": [
-                    _query(
-                        "lat", {"type": "number", "minimum": -LAT_MAX, "maximum": LAT_MAX}, True
-                    ),
-                    _query("lng", {"type": "number", "minimum": -180, "maximum": 180}, True),
+                    _query("lat", _LAT, True),
+                    _query("lng", _LNG, True),
                     _query(
                         "radius_km",
                         {
                             "type": "number",
                             "exclusiveMinimum": True,
                             "minimum": 0,
-                            "maximum": 50,
-                            "default": 5,
+                            "maximum": discovery.RADIUS_MAX_KM,
+                            "default": discovery.RADIUS_DEFAULT_KM,
                         },
                     ),
                     _query(
-                        "limit", {"type": "integer", "minimum": 1, "maximum": 100, "default": 20}
+                        "limit",
+                        {
+                            "type": "integer",
+                            "minimum": 1,
+                            "maximum": discovery.LIMIT_MAX,
+                            "default": discovery.LIMIT_DEFAULT,
+                        },
                     ),
                 ],
                 "responses": {
@@ -429,9 +452,15 @@ def _paths() -> dict[str, Any]:
                 "security": _BEARER,
                 "parameters": [
                     _query(
-                        "limit", {"type": "integer", "minimum": 1, "maximum": 100, "default": 20}
+                        "limit",
+                        {
+                            "type": "integer",
+                            "minimum": 1,
+                            "maximum": me.MAX_LIMIT,
+                            "default": me.DEFAULT_LIMIT,
+                        },
                     ),
-                    _query("cursor", {"type": "string"}),
+                    _query("cursor", {"type": "string", "maxLength": me.CURSOR_MAX_CHARS}),
                 ],
                 "responses": {
                     "200": {
@@ -498,7 +527,8 @@ def _paths() -> dict[str, Any]:
         },
         "/v1/redemptions/sync": {
             "post": {
-                "summary": "Upload an offline redemption log (merchant), at most 1000 entries",
+                "summary": "Upload an offline redemption log (merchant), at most "
+                f"{MAX_SYNC_ENTRIES} entries",
                 "security": _BEARER,
                 "requestBody": {"required": True, **_json(_ref("SyncRequest"))},
                 "responses": {
@@ -506,7 +536,7 @@ def _paths() -> dict[str, Any]:
                         "description": "One result per entry, in order",
                         **_json(_ref("SyncResult")),
                     },
-                    **_errors(400, 401, 403, 413, 422, 503, body_limit="1 MiB"),
+                    **_errors(400, 401, 403, 413, 422, 503, body_limit=SYNC_MAX_BODY_BYTES),
                 },
             }
         },

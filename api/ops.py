@@ -9,9 +9,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from api.app import services
 from api.jsonio import json
 from api.openapi import document
+from api.services import services
 from engine.errors import Unavailable
 from engine.streams import stream_lag
 

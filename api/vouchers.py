@@ -8,22 +8,18 @@ import io
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING
 
 import segno
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from api.app import background, services
 from api.jsonio import json, read_json_object
-from api.validation import Fields, query_int, valid_id
+from api.services import Services, background, services
+from api.validation import ID_MAX_CHARS, Fields, query_int, valid_id
 from engine import feed, redemptions
 from engine.errors import InvalidRequest, VoucherNotFound
 from engine.vouchers import MAX_TOKEN_CHARS, RELOAD_S, HeldVoucher, read_voucher, voucher_json
-
-if TYPE_CHECKING:
-    from api.app import Services
 
 log = logging.getLogger(__name__)
 
@@ -124,9 +120,9 @@ async def sync(request: Request) -> Response:
     caller = svc.auth.require(request.headers.get("authorization"), "merchant")
     body = await read_json_object(request, SYNC_MAX_BODY_BYTES)
     f = Fields(body, {"device_id", "entries"})
-    device_id = f.string("device_id", required=True, min_len=1, max_len=64)
+    device_id = f.string("device_id", required=True, min_len=1, max_len=ID_MAX_CHARS)
     if device_id is not None and not valid_id(device_id):
-        f.problem("device_id", "must be 1..64 URL-safe characters")
+        f.problem("device_id", f"must be 1..{ID_MAX_CHARS} URL-safe characters")
     entries = f.body.get("entries")
     if entries is None:
         f.problem("entries", "required")

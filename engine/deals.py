@@ -26,6 +26,11 @@ MAX_REDEEM_AFTER_END_MS = 90 * MS_PER_DAY  # redeem_until - ends_at
 DEFAULT_REDEEM_AFTER_END_MS = 7 * MS_PER_DAY
 # A deal's place: the latitude band a Redis geo index can hold (its longitude is any).
 LAT_MAX = 85.05112878
+LNG_MAX = 180.0
+# A deal's size (API.md): what a merchant may publish.
+TITLE_MAX_CHARS = 200
+DESCRIPTION_MAX_CHARS = 2000
+INVENTORY_MAX = 1_000_000
 
 
 class DealHash:

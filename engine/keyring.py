@@ -52,8 +52,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import ECAlgorithm
 
-from engine.errors import ExitCode, FlashsaleError
 from engine.deals import MAX_REDEEM_AFTER_END_MS, MAX_WINDOW_MS
+from engine.errors import ExitCode, FlashsaleError
 
 log = logging.getLogger(__name__)
 

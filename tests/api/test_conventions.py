@@ -11,7 +11,7 @@ import orjson
 import pytest
 from starlette.routing import Route
 
-from api.app import _area_modules
+from api.app import AREAS
 from engine.settings import Settings
 from tests.api.conftest import SECRET, RunningApi, serve_in_thread, stop_thread
 from tests.conftest import flush
@@ -239,7 +239,7 @@ UNKNOWN_PARAMS = {"foo": "bar", "_": "1764007200000", "utm_source": "poster", "l
 def _get_paths() -> set[str]:
     return {
         route.path
-        for module in _area_modules()
+        for module in AREAS
         for route in module.routes
         if isinstance(route, Route) and "GET" in (route.methods or ())
     }

@@ -2,24 +2,27 @@
 
 from __future__ import annotations
 
+import math
 import re
 import shutil
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
+import pytest
 from starlette.routing import Mount, Route
 
-from api.app import _area_modules
+from api.app import AREAS
 from tests.api.conftest import RunningApi
-from tests.vouchers.helpers import claim, create_deal
+from tests.vouchers.helpers import FUTURE_DEAL, claim, create_deal
 
 
 def _app_routes() -> set[tuple[str, str]]:
     out = set()
-    for module in _area_modules():
+    for module in AREAS:
         for route in module.routes:
             if isinstance(route, Mount):
                 continue  # static files (the till at /verifier/): a web page, not an operation
@@ -42,6 +45,133 @@ def test_every_reference_resolves(client: httpx.Client) -> None:
     schemas = client.get("/openapi.json").json()["components"]["schemas"]
     for ref in set(re.findall(r'"\$ref":"#/components/schemas/(\w+)"', text)):
         assert ref in schemas
+
+
+# -- the document's bounds are the ones the validators enforce ----------------------
+# Each bound is read from the served document, then tried on the running API: a value at
+# the bound is taken, one just past it is a 422 naming the field.
+
+
+def _refused(r: httpx.Response) -> set[str]:
+    """The fields a 422 invalid_request names (none for any other answer)."""
+    if r.status_code != 422 or r.json()["error"]["code"] != "invalid_request":
+        return set()
+    return set(r.json()["error"]["details"]["fields"])
+
+
+def _past(bound: float, low: bool) -> float:
+    return math.nextafter(bound, -math.inf if low else math.inf)
+
+
+def test_the_new_deal_bounds_in_the_document_are_the_ones_enforced(
+    api: RunningApi, client: httpx.Client
+) -> None:
+    schema = client.get("/openapi.json").json()["components"]["schemas"]["NewDeal"]
+    props = schema["properties"]
+    ends = (datetime.now(UTC) + timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    headers = api.auth("merchant", "m-1")
+
+    def refused(field: str, value: Any) -> bool:
+        body = {**FUTURE_DEAL, "ends_at": ends, field: value}
+        r = client.post("/v1/deals", json=body, headers=headers)
+        assert r.status_code in (201, 422), r.text
+        return field in _refused(r)
+
+    for field in ("title", "description"):
+        n = props[field]["maxLength"]
+        assert not refused(field, "x" * n) and refused(field, "x" * (n + 1)), field
+    assert props["title"]["minLength"] == 1 and refused("title", "")
+    for field in ("lat", "lng", "inventory"):
+        for key, low in (("minimum", True), ("maximum", False)):
+            bound = props[field][key]
+            past = bound + (-1 if low else 1) if field == "inventory" else _past(bound, low)
+            assert not refused(field, bound) and refused(field, past), (field, key)
+
+
+def _query_refused(
+    client: httpx.Client, path: str, headers: dict[str, str], params: dict[str, str]
+) -> set[str]:
+    r = client.get(path, params=params, headers=headers)
+    assert r.status_code in (200, 422), r.text
+    return _refused(r)
+
+
+@pytest.mark.parametrize(
+    ("path", "role", "base"),
+    [("/v1/deals", None, {"lat": "12.97", "lng": "77.59"}), ("/v1/me/vouchers", "user", {})],
+)
+def test_the_query_bounds_in_the_document_are_the_ones_enforced(
+    api: RunningApi, client: httpx.Client, path: str, role: str | None, base: dict[str, str]
+) -> None:
+    operation = client.get("/openapi.json").json()["paths"][path]["get"]
+    headers = api.auth(role, "u-1") if role else {}
+
+    def refused(name: str, value: object) -> bool:
+        return name in _query_refused(client, path, headers, {**base, name: str(value)})
+
+    for p in operation["parameters"]:
+        name, schema = p["name"], p["schema"]
+        if schema["type"] == "string":  # an opaque cursor: only its length is a bound
+            assert refused(name, "c" * (schema["maxLength"] + 1)), name
+            continue
+        low, high = schema["minimum"], schema["maximum"]
+        if schema["type"] == "integer":
+            below, above = low - 1, high + 1
+        else:
+            below, above = _past(low, True), _past(high, False)
+        if schema.get("exclusiveMinimum"):
+            assert refused(name, low) and not refused(name, _past(low, False)), name
+        else:
+            assert not refused(name, low) and refused(name, below), name
+        assert not refused(name, high) and refused(name, above), name
+
+
+def test_the_redemption_bounds_in_the_document_are_the_ones_enforced(
+    api: RunningApi, client: httpx.Client
+) -> None:
+    doc = client.get("/openapi.json").json()
+    headers = api.auth("merchant", "m-1")
+    token = doc["paths"]["/v1/redemptions"]["post"]["requestBody"]["content"]
+    n = token["application/json"]["schema"]["properties"]["token"]["maxLength"]
+    at = client.post("/v1/redemptions", json={"token": "t" * n}, headers=headers)
+    assert at.status_code == 422 and at.json()["error"]["code"] == "invalid_voucher", at.text
+    past = client.post("/v1/redemptions", json={"token": "t" * (n + 1)}, headers=headers)
+    assert _refused(past) == {"token"}, past.text
+
+    sync = doc["components"]["schemas"]["SyncRequest"]["properties"]
+    entry = {"entry_id": "e", "token": "t", "redeemed_at": "2026-01-01T00:00:00Z"}
+    most, longest = sync["entries"]["maxItems"], sync["device_id"]["maxLength"]
+    for device, count, refused in (
+        ("d" * longest, most, set()),
+        ("d" * longest, most + 1, {"entries"}),
+        ("d" * (longest + 1), 1, {"device_id"}),
+    ):
+        body = {"device_id": device, "entries": [entry] * count}
+        r = client.post("/v1/redemptions/sync", json=body, headers=headers)
+        assert _refused(r) == refused and r.status_code == (422 if refused else 200), r.text
+    assert str(most) in doc["paths"]["/v1/redemptions/sync"]["post"]["summary"]
+
+
+def test_the_body_limits_in_the_document_are_the_ones_enforced(
+    api: RunningApi, client: httpx.Client
+) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    with_limit = {
+        p: ops["post"]
+        for p, ops in paths.items()
+        if "413" in ops.get("post", {}).get("responses", {})
+    }
+    assert set(with_limit) == {"/v1/deals", "/v1/redemptions", "/v1/redemptions/sync"}
+    for path, op in with_limit.items():
+        size = op["responses"]["413"]["description"].removeprefix("Body over ")
+        number, unit = size.split()
+        limit = int(number) * {"KiB": 1024, "MiB": 1024 * 1024}[unit]
+        headers = {**api.auth("merchant", "m-1"), "Content-Type": "application/json"}
+        r = client.post(path, content=b" " * (limit + 1), headers=headers)
+        assert r.status_code == 413, r.text
+        error = r.json()["error"]
+        assert error["message"] == f"The request body is over {size}."
+        assert error["details"] == {"limit_bytes": limit}
 
 
 # What schemathesis holds every answer to (not only "no 5xx"): a documented status, a
