@@ -5,7 +5,8 @@ worker with its lifespan, uvloop, HTTP/1.1, a 4096-connection backlog, metrics s
 over workers (``PROMETHEUS_MULTIPROC_DIR``), and on SIGTERM or SIGINT a graceful stop:
 no new connections, in-flight requests finished (for up to ``GRACEFUL_S``), then the
 lifespan's shutdown. Which one runs: ``--server``, else ``FLASHSALE_SERVER``, else
-``DEFAULT_SERVER`` (the README says why).
+``DEFAULT_SERVER`` (the README says why). ``flashsale up`` serves through here too, with
+one worker.
 """
 
 from __future__ import annotations

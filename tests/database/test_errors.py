@@ -38,9 +38,17 @@ async def _read_only(conn: Any, other: asyncpg.Connection) -> None:
 
 
 async def _terminated(conn: Any, other: asyncpg.Connection) -> None:
+    """An administrator ends the session while its statement runs (the answer is certain
+    then; an idle session's end races with its next statement on the client side)."""
     pid = await conn.fetchval("SELECT pg_backend_pid()")
+    running = asyncio.ensure_future(conn.execute("SELECT pg_sleep(30)"))
+    active = "SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND state = 'active'"
+    for _ in range(1000):  # until PostgreSQL runs the statement (10 s at most)
+        if await other.fetchval(active, pid):
+            break
+        await asyncio.sleep(0.01)
     await other.execute("SELECT pg_terminate_backend($1)", pid)
-    await conn.execute("SELECT 1")
+    await running
 
 
 async def _lock_timeout(conn: Any, other: asyncpg.Connection) -> None:
