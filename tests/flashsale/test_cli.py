@@ -20,7 +20,7 @@ import jwt
 import pytest
 
 from engine.errors import ExitCode
-from flashsale import cli
+from flashsale import cli, keys
 from flashsale.embedded import EmbeddedPostgres, free_port
 from tests.conftest import flush
 from tests.persister.conftest import drop_database, fresh_database
@@ -329,7 +329,7 @@ def test_a_value_error_from_a_bug_is_not_turned_into_a_usage_error(
     def buggy(**options: object) -> int:
         raise ValueError("a bug")
 
-    monkeypatch.setattr(cli, "_keys_rotate", buggy)
+    monkeypatch.setattr(keys, "rotate_command", buggy)
     with pytest.raises(ValueError, match="a bug"):
         _main_in(monkeypatch, tmp_path, ["keys", "rotate"])
 
