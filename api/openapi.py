@@ -44,19 +44,25 @@ _RETRY_AFTER = {
 
 
 def _errors(*statuses: int, body_limit: int = MAX_BODY_BYTES) -> dict[str, Any]:
+    """The error answers of a route limited per caller or per address (every route but
+    /healthz, /readyz and /metrics): 429 always, 408 where a body is read (413)."""
+    statuses = (*statuses, *((408,) if 413 in statuses else ()), 429)
     text = {
         400: "The body is not JSON",
         401: "Missing, malformed, expired or badly signed token",
         403: "Wrong role or not the owner",
         404: "Not found",
+        408: "The body was not received in full in time (the connection is closed)",
         409: "Refused by the deal's state",
         413: f"Body over {size_text(body_limit)}",
         422: "Invalid request: JSON of the wrong shape, or bad fields (details name each)",
+        429: "Over a rate limit; retry after Retry-After seconds (details.retry_after_ms)",
         503: "A dependency is down; retry after Retry-After seconds",
     }
     out = {str(s): {"description": text[s], **_json(_ref("Error"))} for s in statuses}
-    if 503 in statuses:
-        out["503"]["headers"] = _RETRY_AFTER
+    for status in ("429", "503"):
+        if status in out:
+            out[status]["headers"] = _RETRY_AFTER
     return out
 
 
@@ -555,6 +561,7 @@ def _paths() -> dict[str, Any]:
                         "description": "Not modified: If-None-Match named the current ETag",
                         "headers": _JWKS_HEADERS,
                     },
+                    **_errors(),
                 },
             }
         },
@@ -588,7 +595,10 @@ def _paths() -> dict[str, Any]:
         "/openapi.json": {
             "get": {
                 "summary": "This document",
-                "responses": {"200": {"description": "OpenAPI 3", **_json({"type": "object"})}},
+                "responses": {
+                    "200": {"description": "OpenAPI 3", **_json({"type": "object"})},
+                    **_errors(),
+                },
             }
         },
     }

@@ -255,3 +255,15 @@ def test_the_running_app_answers_as_its_document_says(
     ran = re.search(r"(\d+) generated, (\d+) passed", proc.stdout)
     assert ran, proc.stdout[-3000:]
     assert int(ran.group(1)) == int(ran.group(2)) >= 200
+
+
+def test_every_limited_route_documents_429_and_every_body_408(client: httpx.Client) -> None:
+    """Rate limits reach every route but health and metrics; the body deadline every body."""
+    doc = client.get("/openapi.json").json()
+    unlimited = {"/healthz", "/readyz", "/metrics"}
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            if path not in unlimited:
+                assert "Retry-After" in op["responses"]["429"]["headers"], (method, path)
+            if "requestBody" in op:
+                assert "408" in op["responses"], (method, path)
