@@ -111,8 +111,9 @@ class Authenticator:
         if exp <= now:
             raise Unauthenticated("The token has expired.")
         nbf = claims.get("nbf")
-        if nbf is not None and (isinstance(nbf, bool) or not isinstance(nbf, int | float)
-                                or nbf > now):  # fmt: skip
+        if nbf is not None and (
+            isinstance(nbf, bool) or not isinstance(nbf, int | float) or nbf > now
+        ):
             raise Unauthenticated("The token is not valid yet.")
         sub, role = claims.get("sub"), claims.get("role")
         if not isinstance(sub, str) or not valid_id(sub):

@@ -123,9 +123,15 @@ class Fields:
 
 
 def query_number(
-    params: Any, name: str, problems: dict[str, str], *, default: float | None, low: float,
-    high: float, low_open: bool = False,
-) -> float | None:  # fmt: skip
+    params: Any,
+    name: str,
+    problems: dict[str, str],
+    *,
+    default: float | None,
+    low: float,
+    high: float,
+    low_open: bool = False,
+) -> float | None:
     """A float query parameter within bounds (``low_open``: strictly above ``low``)."""
     raw = params.get(name)
     if raw is None or raw == "":

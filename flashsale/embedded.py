@@ -176,18 +176,29 @@ class EmbeddedRedis(_Child):
         argv = [
             str(valkey_bin_dir() / "valkey-server"),
             str(self.config_path),
-            "--port", str(self.port),
-            "--bind", "127.0.0.1",
-            "--dir", str(self.data_dir),
-            "--daemonize", "no",
-            "--logfile", "",
-        ]  # fmt: skip
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.data_dir),
+            "--daemonize",
+            "no",
+            "--logfile",
+            "",
+        ]
         for name, value in self.config.items():
             argv += [f"--{name}", value]
         if self.cluster:
             # The bus port defaults to port + 10000, which overflows for high free ports.
-            argv += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                     "--cluster-port", str(self.bus_port)]  # fmt: skip
+            argv += [
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-port",
+                str(self.bus_port),
+            ]
         self._popen(argv)
         return self
 
@@ -228,12 +239,14 @@ class EmbeddedRedisCluster:
         for node in self.nodes:
             node.start()
         created = self._cli(
-            "--cluster", "create",
+            "--cluster",
+            "create",
             *[f"127.0.0.1:{n.port}" for n in self.nodes],
-            "--cluster-replicas", "0",
+            "--cluster-replicas",
+            "0",
             "--cluster-yes",
             timeout_s=60,
-        )  # fmt: skip
+        )
         if created.returncode != 0:
             raise RuntimeError(f"valkey-cli --cluster create failed: {created.stdout[-2000:]}")
         self._wait_ok()
@@ -286,11 +299,20 @@ class _Account:
         except KeyError:
             pass
         done = subprocess.run(
-            ["useradd", "--system", "--user-group", "--home-dir", str(_PG_ROOT),
-             "--no-create-home", "--shell", "/usr/sbin/nologin", _PG_SYSTEM_USER],
+            [
+                "useradd",
+                "--system",
+                "--user-group",
+                "--home-dir",
+                str(_PG_ROOT),
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+                _PG_SYSTEM_USER,
+            ],
             capture_output=True,
             text=True,
-        )  # fmt: skip
+        )
         try:  # another process may have added it first
             return cls(pwd.getpwnam(_PG_SYSTEM_USER))
         except KeyError:
@@ -374,12 +396,17 @@ class EmbeddedPostgres(_Child):
         self._refuse_legacy()
         argv = [
             str(bin_dir / "postgres"),
-            "-D", str(self.pgdata.resolve()),
-            "-p", str(self.port),
-            "-c", "listen_addresses=127.0.0.1",
-            "-c", "unix_socket_directories=",
-            "-c", "max_connections=200",
-        ]  # fmt: skip
+            "-D",
+            str(self.pgdata.resolve()),
+            "-p",
+            str(self.port),
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            "unix_socket_directories=",
+            "-c",
+            "max_connections=200",
+        ]
         if self.fast:
             argv += [
                 "-c",
@@ -407,14 +434,22 @@ class EmbeddedPostgres(_Child):
             if self.account:
                 os.chown(pwfile, self.account.uid, self.account.gid)
             done = subprocess.run(
-                [str(bin_dir / "initdb"), "-D", str(self.pgdata.resolve()), "-U", "postgres",
-                 f"--pwfile={pwfile}", "--auth=scram-sha-256", "--encoding=UTF8",
-                 "--no-instructions"],
+                [
+                    str(bin_dir / "initdb"),
+                    "-D",
+                    str(self.pgdata.resolve()),
+                    "-U",
+                    "postgres",
+                    f"--pwfile={pwfile}",
+                    "--auth=scram-sha-256",
+                    "--encoding=UTF8",
+                    "--no-instructions",
+                ],
                 capture_output=True,
                 text=True,
                 timeout=120,
                 **_Account.run_as(self.account),
-            )  # fmt: skip
+            )
         finally:
             pwfile.unlink()
         if done.returncode != 0:

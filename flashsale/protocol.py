@@ -40,8 +40,11 @@ def refusal_bytes(status: int, default_headers: list[tuple[bytes, bytes]]) -> by
     head = [STATUS_LINE[status]]
     for name, value in default_headers:
         head += [name, b": ", value, b"\r\n"]
-    head += [b"content-type: application/json\r\ncontent-length: ", str(len(body)).encode(),
-             b"\r\nconnection: close\r\n\r\n"]  # fmt: skip
+    head += [
+        b"content-type: application/json\r\ncontent-length: ",
+        str(len(body)).encode(),
+        b"\r\nconnection: close\r\n\r\n",
+    ]
     return b"".join(head) + body
 
 

@@ -60,8 +60,10 @@ class PersisterSupervisor:
             code = self.proc.poll()
             if code is None:
                 continue
-            print(f"flashsale up: the persister exited ({code}); restarting in {backoff_s:.0f} s",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                f"flashsale up: the persister exited ({code}); restarting in {backoff_s:.0f} s",
+                file=sys.stderr,
+            )
             if self._stop.wait(backoff_s):
                 return
             backoff_s = min(backoff_s * 2, 30.0)

@@ -30,8 +30,11 @@ def write_servers(settings: Settings) -> None:
 
     The URLs carry the embedded servers' passwords: the file is 0600 in a 0700 data dir.
     """
-    data = {"redis_url": settings.redis_url, "database_url": settings.database_url,
-            "pid": os.getpid()}  # fmt: skip
+    data = {
+        "redis_url": settings.redis_url,
+        "database_url": settings.database_url,
+        "pid": os.getpid(),
+    }
     write_private(settings.data_dir / SERVERS_FILE, orjson.dumps(data))
 
 

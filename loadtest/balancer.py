@@ -69,10 +69,20 @@ class Nginx:
         path.write_text(local_config(self.upstreams, self.port, self.workdir))
         with open(self.workdir / "nginx.log", "ab") as log:
             self.proc = subprocess.Popen(
-                [binary, "-p", str(self.workdir), "-e", "stderr", "-c", str(path),
-                 "-g", "daemon off;"],
-                stdout=log, stderr=subprocess.STDOUT,
-            )  # fmt: skip
+                [
+                    binary,
+                    "-p",
+                    str(self.workdir),
+                    "-e",
+                    "stderr",
+                    "-c",
+                    str(path),
+                    "-g",
+                    "daemon off;",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -129,13 +129,36 @@ class WrkResult:
         return 100 * self.wrk_cpu_s / self.seconds if self.seconds else 0.0
 
 
-def run_wrk(label: str, url: str, script: str, env: dict[str, str], seconds: float,
-            connections: int, threads: int = 1) -> WrkResult:  # fmt: skip
+def run_wrk(
+    label: str,
+    url: str,
+    script: str,
+    env: dict[str, str],
+    seconds: float,
+    connections: int,
+    threads: int = 1,
+) -> WrkResult:
     """Run wrk, wait for it with ``wait4`` (for its CPU time), parse what it printed."""
-    argv = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds:g}s",
-            "--timeout", "5s", "-s", str(HERE / script), url]  # fmt: skip
-    full_env = {**os.environ, "BENCH_THREADS": str(threads),
-                "BENCH_REPORT": str(HERE / "wrk_report.lua"), **env}  # fmt: skip
+    argv = [
+        "wrk",
+        "-t",
+        str(threads),
+        "-c",
+        str(connections),
+        "-d",
+        f"{seconds:g}s",
+        "--timeout",
+        "5s",
+        "-s",
+        str(HERE / script),
+        url,
+    ]
+    full_env = {
+        **os.environ,
+        "BENCH_THREADS": str(threads),
+        "BENCH_REPORT": str(HERE / "wrk_report.lua"),
+        **env,
+    }
     with tempfile.TemporaryFile() as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=full_env)
         _, status, usage = os.wait4(proc.pid, 0)
@@ -186,10 +209,14 @@ class Server:
         self.log_path = log_dir / f"{self.name}-{self.port}.log"
         with open(self.log_path, "wb") as logf:
             self.proc = subprocess.Popen(
-                [*self.argv, "--port", str(self.port)], env=self.env, stdout=logf,
-                stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
+                [*self.argv, "--port", str(self.port)],
+                env=self.env,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+                start_new_session=True,
                 preexec_fn=lambda: die_with_parent(signal.SIGTERM),
-            )  # fmt: skip
+            )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -236,8 +263,17 @@ async def new_deals(b: Backends, inventory: int, tag: str, fs_names: list[str]) 
     starts, ends, redeem = _window_ms()
     store = await Store.connect(b.settings)
     try:
-        new = NewDeal("m-bench", f"bench {tag}", "", CENTER[0] + 1, CENTER[1] + 1, inventory,
-                      starts, ends, redeem)  # fmt: skip
+        new = NewDeal(
+            "m-bench",
+            f"bench {tag}",
+            "",
+            CENTER[0] + 1,
+            CENTER[1] + 1,
+            inventory,
+            starts,
+            ends,
+            redeem,
+        )
         fs_deals = {name: (await create_deal(store, new)).id for name in fs_names}
     finally:
         await store.close()
@@ -248,9 +284,15 @@ async def new_deals(b: Backends, inventory: int, tag: str, fs_names: list[str]) 
             "INSERT INTO peer_deals (id, merchant_id, title, lat, lng, inventory_total,"
             " inventory_left, starts_at, ends_at, redeem_until) VALUES ($1, 'm-bench', $2,"
             " $3, $4, $5, $5, fs_ms($6), fs_ms($7), fs_ms($8))",
-            peer_id, f"bench {tag}", CENTER[0] + 1, CENTER[1] + 1, inventory, starts, ends,
+            peer_id,
+            f"bench {tag}",
+            CENTER[0] + 1,
+            CENTER[1] + 1,
+            inventory,
+            starts,
+            ends,
             redeem,
-        )  # fmt: skip
+        )
     finally:
         await conn.close()
     r = aioredis.Redis.from_url(b.redis_url, decode_responses=True)
@@ -265,15 +307,23 @@ async def seed_discovery(b: Backends, count: int) -> None:
     """The same ``count`` active deals around the centre, in flashsale and in the peers."""
     starts, ends, redeem = _window_ms()
     rng = random.Random(42)
-    points = [(CENTER[0] + rng.uniform(-DISCOVERY_SPREAD_DEG, DISCOVERY_SPREAD_DEG),
-               CENTER[1] + rng.uniform(-DISCOVERY_SPREAD_DEG, DISCOVERY_SPREAD_DEG))
-              for _ in range(count)]  # fmt: skip
+    points = [
+        (
+            CENTER[0] + rng.uniform(-DISCOVERY_SPREAD_DEG, DISCOVERY_SPREAD_DEG),
+            CENTER[1] + rng.uniform(-DISCOVERY_SPREAD_DEG, DISCOVERY_SPREAD_DEG),
+        )
+        for _ in range(count)
+    ]
     store = await Store.connect(b.settings)
     try:
-        await asyncio.gather(*(
-            create_deal(store, NewDeal("m-bench", f"shop {i}", "", lat, lng, 1000, starts,
-                                       ends, redeem))
-            for i, (lat, lng) in enumerate(points)))  # fmt: skip
+        await asyncio.gather(
+            *(
+                create_deal(
+                    store, NewDeal("m-bench", f"shop {i}", "", lat, lng, 1000, starts, ends, redeem)
+                )
+                for i, (lat, lng) in enumerate(points)
+            )
+        )
     finally:
         await store.close()
     conn = await asyncpg.connect(b.database_url)
@@ -282,9 +332,11 @@ async def seed_discovery(b: Backends, count: int) -> None:
             "INSERT INTO peer_deals (id, merchant_id, title, lat, lng, inventory_total,"
             " inventory_left, starts_at, ends_at, redeem_until) VALUES ($1, 'm-bench', $2,"
             " $3, $4, 1000, 1000, fs_ms($5), fs_ms($6), fs_ms($7))",
-            [(f"d_shop{i}", f"shop {i}", lat, lng, starts, ends, redeem)
-             for i, (lat, lng) in enumerate(points)],
-        )  # fmt: skip
+            [
+                (f"d_shop{i}", f"shop {i}", lat, lng, starts, ends, redeem)
+                for i, (lat, lng) in enumerate(points)
+            ],
+        )
         await conn.execute("ANALYZE peer_deals")
     finally:
         await conn.close()
@@ -345,19 +397,33 @@ class Row:
 
 
 def _env(b: Backends, keys_dir: Path) -> dict[str, str]:
-    env = {**os.environ, "FLASHSALE_REDIS_URL": b.redis_url,
-           "FLASHSALE_DATABASE_URL": b.database_url, "FLASHSALE_AUTH_SECRET": SECRET,
-           "FLASHSALE_KEYS_DIR": str(keys_dir), "FLASHSALE_DATA_DIR": str(keys_dir.parent),
-           "BENCH_REDIS_URL": b.redis_url, "BENCH_DATABASE_URL": b.database_url,
-           "PYTHONPATH": str(ROOT)}  # fmt: skip
+    env = {
+        **os.environ,
+        "FLASHSALE_REDIS_URL": b.redis_url,
+        "FLASHSALE_DATABASE_URL": b.database_url,
+        "FLASHSALE_AUTH_SECRET": SECRET,
+        "FLASHSALE_KEYS_DIR": str(keys_dir),
+        "FLASHSALE_DATA_DIR": str(keys_dir.parent),
+        "BENCH_REDIS_URL": b.redis_url,
+        "BENCH_DATABASE_URL": b.database_url,
+        "PYTHONPATH": str(ROOT),
+    }
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # `flashsale serve` sets it for 2+ workers
     env.pop("FLASHSALE_SERVER", None)  # each system names its server
     return env
 
 
 def _flashsale(env: dict[str, str], server: str, workers: int, name: str) -> Server:
-    argv = [sys.executable, "-m", "flashsale", "serve", "--server", server,
-            "--workers", str(workers)]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "flashsale",
+        "serve",
+        "--server",
+        server,
+        "--workers",
+        str(workers),
+    ]
     return Server(name, argv, env)
 
 
@@ -371,8 +437,9 @@ def _systems(b: Backends, keys_dir: Path, workers: int, servers: list[str]) -> d
     }
 
 
-def run_workers(b: Backends, plan: Plan, workers: int, tmp: Path,
-                storm_file: Path, success_file: Path) -> list[Row]:  # fmt: skip
+def run_workers(
+    b: Backends, plan: Plan, workers: int, tmp: Path, storm_file: Path, success_file: Path
+) -> list[Row]:
     keys_dir = tmp / "data" / "keys"
     systems = _systems(b, keys_dir, workers, plan.servers)
     rows: list[Row] = []
@@ -382,32 +449,59 @@ def run_workers(b: Backends, plan: Plan, workers: int, tmp: Path,
             s.start(tmp)
         print(f"  {workers} worker(s): /healthz", flush=True)
         for name in plan.fs_names:
-            run_wrk("warm-up", systems[name].url + "/healthz", "wrk_get.lua",
-                    {"BENCH_PATH": "/healthz"}, 1, conns)  # fmt: skip
-        health = {name: run_wrk("healthz", s.url + "/healthz", "wrk_get.lua",
-                                {"BENCH_PATH": "/healthz"}, secs, conns)
-                  for name, s in systems.items()}  # fmt: skip
+            run_wrk(
+                "warm-up",
+                systems[name].url + "/healthz",
+                "wrk_get.lua",
+                {"BENCH_PATH": "/healthz"},
+                1,
+                conns,
+            )
+        health = {
+            name: run_wrk(
+                "healthz",
+                s.url + "/healthz",
+                "wrk_get.lua",
+                {"BENCH_PATH": "/healthz"},
+                secs,
+                conns,
+            )
+            for name, s in systems.items()
+        }
         rows.append(Row("/healthz", workers, health))
         for scenario, inventory, tokens in (
             ("claim storm", STORM_INVENTORY, storm_file),
             ("claim success", SUCCESS_INVENTORY, success_file),
         ):
             print(f"  {workers} worker(s): {scenario}", flush=True)
-            deals = asyncio.run(new_deals(b, inventory, f"{scenario[6:]}{workers}",
-                                          plan.fs_names))  # fmt: skip
+            deals = asyncio.run(new_deals(b, inventory, f"{scenario[6:]}{workers}", plan.fs_names))
             results = {}
             for name, s in systems.items():
                 path = f"/v1/deals/{deals[name]}/claims"
-                results[name] = run_wrk(scenario, s.url + path, "wrk_claim.lua",
-                                        {"BENCH_PATH": path, "BENCH_TOKENS": str(tokens)},
-                                        secs, conns)  # fmt: skip
+                results[name] = run_wrk(
+                    scenario,
+                    s.url + path,
+                    "wrk_claim.lua",
+                    {"BENCH_PATH": path, "BENCH_TOKENS": str(tokens)},
+                    secs,
+                    conns,
+                )
             rows.append(Row(scenario, workers, results))
         print(f"  {workers} worker(s): discovery", flush=True)
-        env = {"BENCH_CENTER": f"{CENTER[0]},{CENTER[1]}",
-               "BENCH_SPREAD": str(DISCOVERY_SPREAD_DEG)}  # fmt: skip
-        rows.append(Row("discovery", workers, {
-            name: run_wrk("discovery", s.url + "/v1/deals", "wrk_get.lua", env, secs, conns)
-            for name, s in systems.items()}))  # fmt: skip
+        env = {
+            "BENCH_CENTER": f"{CENTER[0]},{CENTER[1]}",
+            "BENCH_SPREAD": str(DISCOVERY_SPREAD_DEG),
+        }
+        rows.append(
+            Row(
+                "discovery",
+                workers,
+                {
+                    name: run_wrk("discovery", s.url + "/v1/deals", "wrk_get.lua", env, secs, conns)
+                    for name, s in systems.items()
+                },
+            )
+        )
     finally:
         for s in systems.values():
             s.stop()
@@ -459,15 +553,32 @@ def run_balancer(b: Backends, plan: Plan, tmp: Path, storm_file: Path) -> list[B
             nginx.start()
             print(f"  nginx over {len(apis)} x {server}: /healthz, claim storm", flush=True)
             conns = plan.connections
-            run_wrk("warm-up", nginx.url + "/healthz", "wrk_get.lua",
-                    {"BENCH_PATH": "/healthz"}, 1, conns)  # fmt: skip
-            health = run_wrk("healthz", nginx.url + "/healthz", "wrk_get.lua",
-                             {"BENCH_PATH": "/healthz"}, plan.seconds, conns)  # fmt: skip
+            run_wrk(
+                "warm-up",
+                nginx.url + "/healthz",
+                "wrk_get.lua",
+                {"BENCH_PATH": "/healthz"},
+                1,
+                conns,
+            )
+            health = run_wrk(
+                "healthz",
+                nginx.url + "/healthz",
+                "wrk_get.lua",
+                {"BENCH_PATH": "/healthz"},
+                plan.seconds,
+                conns,
+            )
             deal = asyncio.run(new_deals(b, STORM_INVENTORY, f"lb-{server}", ["lb"]))["lb"]
             path = f"/v1/deals/{deal}/claims"
-            storm = run_wrk("claim storm", nginx.url + path, "wrk_claim.lua",
-                            {"BENCH_PATH": path, "BENCH_TOKENS": str(storm_file)},
-                            plan.seconds, conns)  # fmt: skip
+            storm = run_wrk(
+                "claim storm",
+                nginx.url + path,
+                "wrk_claim.lua",
+                {"BENCH_PATH": path, "BENCH_TOKENS": str(storm_file)},
+                plan.seconds,
+                conns,
+            )
             runs.append(BalancerRun(server, len(apis), health, storm))
         finally:
             nginx.stop()
@@ -476,13 +587,16 @@ def run_balancer(b: Backends, plan: Plan, tmp: Path, storm_file: Path) -> list[B
     return runs
 
 
-def report(rows: list[Row], drained: tuple[int, float], plan: Plan, cmd: str,
-           balanced: list[BalancerRun]) -> list[str]:  # fmt: skip
+def report(
+    rows: list[Row], drained: tuple[int, float], plan: Plan, cmd: str, balanced: list[BalancerRun]
+) -> list[str]:
     """The markdown tables and the verdicts; also returns the problems found."""
     problems: list[str] = []
-    print(f"\n`{cmd}` on {os.cpu_count()} cores ({platform.processor() or platform.machine()}), "
-          f"{plan.seconds:g} s per cell, wrk -t1 -c{plan.connections}, "
-          f"{time.strftime('%Y-%m-%d')}\n")  # fmt: skip
+    print(
+        f"\n`{cmd}` on {os.cpu_count()} cores ({platform.processor() or platform.machine()}), "
+        f"{plan.seconds:g} s per cell, wrk -t1 -c{plan.connections}, "
+        f"{time.strftime('%Y-%m-%d')}\n"
+    )
     print(
         "| scenario | workers | server | flashsale req/s | (a) PostgreSQL req/s "
         "| (b) Redis lock req/s | flashsale / (a) | flashsale / (b) | flashsale p99 ms "
@@ -499,21 +613,26 @@ def report(rows: list[Row], drained: tuple[int, float], plan: Plan, cmd: str,
                 a_txt, b_txt = "(uvicorn)", "(uvicorn)"
             else:
                 a_txt, b_txt = _fmt(a), _fmt(b)
-            print(f"| {name} | {row.workers} | {server} | {_fmt(fs)} | {a_txt} | {b_txt} "
-                  f"| {_ratio(fs, a)} | {_ratio(fs, b)} | {r.p99_ms:.1f} "
-                  f"| {r.wrk_cpu_pct:.0f}% |")  # fmt: skip
+            print(
+                f"| {name} | {row.workers} | {server} | {_fmt(fs)} | {a_txt} | {b_txt} "
+                f"| {_ratio(fs, a)} | {_ratio(fs, b)} | {r.p99_ms:.1f} "
+                f"| {r.wrk_cpu_pct:.0f}% |"
+            )
         for sysname, res in row.results.items():
             # The lock peer's 503s are its lock-wait timeouts: the seed flow's own answer.
             if res.server_errors and sysname != "lock":
-                problems.append(f"{row.scenario} {row.workers}w {sysname}: "
-                                f"{res.server_errors} 5xx")  # fmt: skip
+                problems.append(f"{row.scenario} {row.workers}w {sysname}: {res.server_errors} 5xx")
             issued = res.statuses.get(201, 0)
             if row.scenario == "claim storm" and issued > STORM_INVENTORY:
-                problems.append(f"claim storm {row.workers}w {sysname}: oversold, "
-                                f"{issued} vouchers for {STORM_INVENTORY}")  # fmt: skip
+                problems.append(
+                    f"claim storm {row.workers}w {sysname}: oversold, "
+                    f"{issued} vouchers for {STORM_INVENTORY}"
+                )
     rows_n, rate = drained
-    print(f"| persister drain (rows/s into PostgreSQL, fsync on) | 1 process | - | {_fmt(rate)} "
-          f"| (claims are written synchronously) | - | - | - | - | - |")  # fmt: skip
+    print(
+        f"| persister drain (rows/s into PostgreSQL, fsync on) | 1 process | - | {_fmt(rate)} "
+        f"| (claims are written synchronously) | - | - | - | - | - |"
+    )
     print("\nAnswers by status (" + " | ".join([*plan.fs_names, "(a)", "(b)"]) + "):\n")
     for row in rows:
         if row.scenario.startswith("claim"):
@@ -522,8 +641,12 @@ def report(rows: list[Row], drained: tuple[int, float], plan: Plan, cmd: str,
             print(f"- {row.scenario}, {row.workers} worker(s): {answers}")
     print(f"- persister drain: {rows_n:,} stream entries (every deal and voucher of the run)")
     if balanced:
-        direct = {(r.scenario, n): _rate(r, n) for r in rows if r.workers == max(plan.workers)
-                  for n in plan.fs_names}  # fmt: skip
+        direct = {
+            (r.scenario, n): _rate(r, n)
+            for r in rows
+            if r.workers == max(plan.workers)
+            for n in plan.fs_names
+        }
         print(
             f"\nThrough nginx (deploy/nginx.conf) over {balanced[0].processes} API processes "
             f"of 1 worker, next to one process of {max(plan.workers)} workers direct:\n"
@@ -536,9 +659,11 @@ def report(rows: list[Row], drained: tuple[int, float], plan: Plan, cmd: str,
         for run in balanced:
             for scenario, res in (("/healthz", run.health), ("claim storm", run.storm)):
                 d = direct.get((scenario, f"flashsale-{run.server}"), 0.0)
-                print(f"| {run.server} | {scenario} | {_fmt(res.rps)} | {_fmt(d)} "
-                      f"| {res.rps / d if d else 0:.2f} | {res.p99_ms:.1f} "
-                      f"| {_answers(res)} |")  # fmt: skip
+                print(
+                    f"| {run.server} | {scenario} | {_fmt(res.rps)} | {_fmt(d)} "
+                    f"| {res.rps / d if d else 0:.2f} | {res.p99_ms:.1f} "
+                    f"| {_answers(res)} |"
+                )
                 if res.server_errors:
                     problems.append(f"nginx {run.server} {scenario}: {res.server_errors} 5xx")
                 if scenario == "claim storm" and res.statuses.get(201, 0) > STORM_INVENTORY:
@@ -555,15 +680,21 @@ def report(rows: list[Row], drained: tuple[int, float], plan: Plan, cmd: str,
             success = _rate(by["claim success"], fs_name)
             success_a = _rate(by["claim success"], "pg")
             verdict = "met" if storm >= STORM_OF_HEALTHZ * health else "NOT met"
-            print(f"- {tag}: claim storm {_fmt(storm)}/s = {storm / health:.2f} of /healthz "
-                  f"({_fmt(health)}/s); target {STORM_OF_HEALTHZ}: {verdict}")  # fmt: skip
+            print(
+                f"- {tag}: claim storm {_fmt(storm)}/s = {storm / health:.2f} of /healthz "
+                f"({_fmt(health)}/s); target {STORM_OF_HEALTHZ}: {verdict}"
+            )
             verdict = "met" if success >= 3 * success_a else "NOT met"
-            print(f"- {tag}: claim success {_fmt(success)}/s = {_ratio(success, success_a)} "
-                  f"peer (a) ({_fmt(success_a)}/s); target 3x: {verdict}")  # fmt: skip
+            print(
+                f"- {tag}: claim success {_fmt(success)}/s = {_ratio(success, success_a)} "
+                f"peer (a) ({_fmt(success_a)}/s); target 3x: {verdict}"
+            )
             verdict = "met" if storm >= ONE_MILLION_A_MINUTE else "NOT met"
-            print(f"- {tag}: claim storm {_fmt(storm)}/s against 16.7k/s (1 million a minute): "
-                  f"{100 * storm / ONE_MILLION_A_MINUTE:.0f}%, {verdict} (wrk on the same "
-                  f"{os.cpu_count()} cores)")  # fmt: skip
+            print(
+                f"- {tag}: claim storm {_fmt(storm)}/s against 16.7k/s (1 million a minute): "
+                f"{100 * storm / ONE_MILLION_A_MINUTE:.0f}%, {verdict} (wrk on the same "
+                f"{os.cpu_count()} cores)"
+            )
     for p in problems:
         print(f"- PROBLEM: {p}")
     return problems
@@ -575,10 +706,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, help="seconds per cell (default 8, quick 3)")
     p.add_argument("--connections", type=int, default=256)
     p.add_argument("--workers", default="1,2", help="worker counts to compare, e.g. 1,2")
-    p.add_argument("--servers", default="uvicorn,granian",
-                   help="HTTP servers under flashsale serve, side by side")  # fmt: skip
-    p.add_argument("--no-balancer", action="store_true",
-                   help="skip the run through nginx (deploy/nginx.conf)")  # fmt: skip
+    p.add_argument(
+        "--servers",
+        default="uvicorn,granian",
+        help="HTTP servers under flashsale serve, side by side",
+    )
+    p.add_argument(
+        "--no-balancer", action="store_true", help="skip the run through nginx (deploy/nginx.conf)"
+    )
     p.add_argument("--redis-url", default=os.environ.get("BENCH_REDIS_URL"))
     p.add_argument("--database-url", default=os.environ.get("BENCH_DATABASE_URL"))
     args = p.parse_args(argv)
@@ -591,12 +726,19 @@ def main(argv: list[str] | None = None) -> int:
 
     balancer = not args.no_balancer
     if balancer and nginx_binary() is None:
-        print("no nginx (Debian: apt-get install nginx-light): skipping the balancer run",
-              file=sys.stderr)  # fmt: skip
+        print(
+            "no nginx (Debian: apt-get install nginx-light): skipping the balancer run",
+            file=sys.stderr,
+        )
         balancer = False
-    plan = Plan(seconds, args.connections, [int(w) for w in args.workers.split(",")],
-                success_tokens=int(max(seconds, 3) * 25_000),
-                servers=args.servers.split(","), balancer=balancer)  # fmt: skip
+    plan = Plan(
+        seconds,
+        args.connections,
+        [int(w) for w in args.workers.split(",")],
+        success_tokens=int(max(seconds, 3) * 25_000),
+        servers=args.servers.split(","),
+        balancer=balancer,
+    )
     cmd = "python -m loadtest.bench " + " ".join(argv if argv is not None else sys.argv[1:])
     started = time.monotonic()
     with contextlib.ExitStack() as stack:
@@ -610,17 +752,25 @@ def main(argv: list[str] | None = None) -> int:
             pg = EmbeddedPostgres(tmp / "pg").start()  # durable: fsync on
             stack.callback(pg.remove_data)
             database_url = pg.url
-        settings = Settings(redis_url=redis_url, database_url=database_url, auth_secret=SECRET,
-                            data_dir=tmp / "data")  # fmt: skip
+        settings = Settings(
+            redis_url=redis_url,
+            database_url=database_url,
+            auth_secret=SECRET,
+            data_dir=tmp / "data",
+        )
         b = Backends(redis_url, database_url, settings)
         print("preparing: migrations, peer schema, discovery deals, tokens", flush=True)
         asyncio.run(prepare_database(database_url))
         asyncio.run(seed_discovery(b, DISCOVERY_DEALS))
         run_id = f"{random.getrandbits(32):x}"
-        storm_file = write_tokens(tmp / "storm.tokens", mint_fast(
-            SECRET, (f"s{run_id}-{i}" for i in range(STORM_CALLERS))))  # fmt: skip
-        success_file = write_tokens(tmp / "success.tokens", mint_fast(
-            SECRET, (f"n{run_id}-{i}" for i in range(plan.success_tokens))))  # fmt: skip
+        storm_file = write_tokens(
+            tmp / "storm.tokens",
+            mint_fast(SECRET, (f"s{run_id}-{i}" for i in range(STORM_CALLERS))),
+        )
+        success_file = write_tokens(
+            tmp / "success.tokens",
+            mint_fast(SECRET, (f"n{run_id}-{i}" for i in range(plan.success_tokens))),
+        )
         rows: list[Row] = []
         for w in plan.workers:
             rows += run_workers(b, plan, w, tmp, storm_file, success_file)

@@ -38,8 +38,17 @@ from flashsale.embedded import EmbeddedRedis
 
 def _deal(inventory: int) -> NewDeal:
     now = now_ms()
-    return NewDeal("m-bench", "bench", "", 1.0, 1.0, inventory, now - 1000, now + 3_600_000,
-                   now + 2 * MS_PER_DAY)  # fmt: skip
+    return NewDeal(
+        "m-bench",
+        "bench",
+        "",
+        1.0,
+        1.0,
+        inventory,
+        now - 1000,
+        now + 3_600_000,
+        now + 2 * MS_PER_DAY,
+    )
 
 
 def _pack(*args: object) -> bytes:
@@ -106,9 +115,18 @@ async def engine_rate(store: Store, n: int, concurrency: int, *, naive: bool = F
             user = f"u-{w}-{i}"
             if naive:
                 await store.client.evalsha(
-                    sha, 5, k.deal, k.claimers, k.events, k.geo, k.vouchers,
-                    user, claims.new_voucher_id(deal.id), cap, deal.id,
-                )  # fmt: skip
+                    sha,
+                    5,
+                    k.deal,
+                    k.claimers,
+                    k.events,
+                    k.geo,
+                    k.vouchers,
+                    user,
+                    claims.new_voucher_id(deal.id),
+                    cap,
+                    deal.id,
+                )
             else:
                 await claims.claim(store, deal.id, user)
 
@@ -137,14 +155,30 @@ async def run(url: str, n: int, concurrency: int) -> list[tuple[str, float]]:
     try:
         await store.client.flushall()
         host, port = url.split("//")[1].split("/")[0].split(":")
-        rows = [("ceiling: raw pipelined Lua, no Python logic", await ceiling(
-            store, host, int(port), n))]  # fmt: skip
-        rows.append((f"engine.claim, {concurrency} concurrent (auto-pipelined)",
-                     await engine_rate(store, n, concurrency)))  # fmt: skip
-        rows.append((f"one awaited EVALSHA per claim, {concurrency} concurrent",
-                     await engine_rate(store, n, concurrency, naive=True)))  # fmt: skip
-        rows.append((f"engine.claim on a sold-out deal, {concurrency} concurrent",
-                     await storm_rate(store, n, concurrency)))  # fmt: skip
+        rows = [
+            (
+                "ceiling: raw pipelined Lua, no Python logic",
+                await ceiling(store, host, int(port), n),
+            )
+        ]
+        rows.append(
+            (
+                f"engine.claim, {concurrency} concurrent (auto-pipelined)",
+                await engine_rate(store, n, concurrency),
+            )
+        )
+        rows.append(
+            (
+                f"one awaited EVALSHA per claim, {concurrency} concurrent",
+                await engine_rate(store, n, concurrency, naive=True),
+            )
+        )
+        rows.append(
+            (
+                f"engine.claim on a sold-out deal, {concurrency} concurrent",
+                await storm_rate(store, n, concurrency),
+            )
+        )
         await store.client.flushall()
         return rows
     finally:

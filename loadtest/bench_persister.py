@@ -59,19 +59,37 @@ def _deal_ids() -> list[str]:
 
 
 def _claim(deal: str, seq: int, at: int) -> dict[str, str | int]:
-    return {"type": "claim", "deal": deal, "seq": seq,
-            "voucher": f"v{secrets.token_hex(8)}.{deal}",
-            "user": f"u-{secrets.token_hex(6)}", "at": at}  # fmt: skip
+    return {
+        "type": "claim",
+        "deal": deal,
+        "seq": seq,
+        "voucher": f"v{secrets.token_hex(8)}.{deal}",
+        "user": f"u-{secrets.token_hex(6)}",
+        "at": at,
+    }
 
 
 async def _add_deals(store: Store, deal_ids: list[str], total: int) -> None:
     now = int(time.time() * 1000)
     pipe = store.client.pipeline(transaction=False)
     for d in deal_ids:
-        pipe.xadd(store.keys.for_deal(d).events, {"type": "deal", "deal": d, "merchant": "m-1",
-                  "title": "bench", "desc": "", "lat": "12.97", "lng": "77.59", "total": total,
-                  "starts": now, "ends": now + 3_600_000, "redeem": now + 7_200_000,
-                  "at": now})  # fmt: skip
+        pipe.xadd(
+            store.keys.for_deal(d).events,
+            {
+                "type": "deal",
+                "deal": d,
+                "merchant": "m-1",
+                "title": "bench",
+                "desc": "",
+                "lat": "12.97",
+                "lng": "77.59",
+                "total": total,
+                "starts": now,
+                "ends": now + 3_600_000,
+                "redeem": now + 7_200_000,
+                "at": now,
+            },
+        )
     await pipe.execute()
 
 
@@ -246,10 +264,21 @@ async def _lag(store: Store, settings: Settings, rate: int, seconds: float, log_
     await _rewind(store, "$")
     procs = _spawn_persisters(settings, 1, log_dir)
     producer = subprocess.Popen(  # noqa: ASYNC220 - started once, not awaited
-        [sys.executable, "-m", "loadtest.bench_persister", "--produce", str(rate),
-         "--seconds", str(seconds), "--redis", settings.redis_url or ""],
-        env=_env(settings), cwd=ROOT, stdout=subprocess.PIPE,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "loadtest.bench_persister",
+            "--produce",
+            str(rate),
+            "--seconds",
+            str(seconds),
+            "--redis",
+            settings.redis_url or "",
+        ],
+        env=_env(settings),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+    )
     samples: list[int] = []
     try:
         await asyncio.sleep(1.0)  # the producer and the persister start
@@ -306,8 +335,13 @@ async def bench(rows: int, batch: int, processes: int, lag_rate: int, lag_s: flo
         redis = EmbeddedRedis(Path(tmp) / "redis").start()
         pg = EmbeddedPostgres(Path(tmp) / "pg").start()  # durable: fsync on
         try:
-            base = Settings(redis_url=redis.url, partitions=PARTITIONS, persister_batch=batch,
-                            stream_retention_s=3600, data_dir=Path(tmp))  # fmt: skip
+            base = Settings(
+                redis_url=redis.url,
+                partitions=PARTITIONS,
+                persister_batch=batch,
+                stream_retention_s=3600,
+                data_dir=Path(tmp),
+            )
             store = await Store.connect(base)
             await _fill(store, rows)
             # Warm-up, not timed: a fresh cluster creates (zero-fills, fsyncs) its WAL
@@ -318,9 +352,11 @@ async def bench(rows: int, batch: int, processes: int, lag_rate: int, lag_s: flo
             alone = await _insert_alone(store, dsn, batch * PARTITIONS)
             assert await _count(dsn) == rows
             results.append(
-                (f"unnest insert alone, one connection (batches of {batch * PARTITIONS})",
-                 f"{alone:,.0f}")
-            )  # fmt: skip
+                (
+                    f"unnest insert alone, one connection (batches of {batch * PARTITIONS})",
+                    f"{alone:,.0f}",
+                )
+            )
             for pipeline in (False, True):
                 dsn = await _fresh_db(pg.url, f"inproc_{int(pipeline)}")
                 await _rewind(store)
@@ -344,16 +380,20 @@ async def bench(rows: int, batch: int, processes: int, lag_rate: int, lag_s: flo
         finally:
             redis.stop()
             pg.remove_data()
-    print(f"\n{rows} claim rows, {PARTITIONS} partitions, read batch {batch}/stream, "
-          f"durable PostgreSQL (fsync on), load average {os.getloadavg()[0]:.1f}\n")  # fmt: skip
+    print(
+        f"\n{rows} claim rows, {PARTITIONS} partitions, read batch {batch}/stream, "
+        f"durable PostgreSQL (fsync on), load average {os.getloadavg()[0]:.1f}\n"
+    )
     print("| path | rows/s |")
     print("| --- | ---: |")
     for name, value in results:
         print(f"| {name} | {value} |")
     if lag_s > 0:
-        print(f"\nlag: one `flashsale persist` under {achieved:,.0f} claims/s for {lag_s:.0f}s "
-              f"({produced} claims, all in PostgreSQL afterwards); age of the oldest "
-              f"unacknowledged entry, {len(samples)} samples every 50 ms:\n")  # fmt: skip
+        print(
+            f"\nlag: one `flashsale persist` under {achieved:,.0f} claims/s for {lag_s:.0f}s "
+            f"({produced} claims, all in PostgreSQL afterwards); age of the oldest "
+            f"unacknowledged entry, {len(samples)} samples every 50 ms:\n"
+        )
         print("| p50 | p90 | p99 | max |")
         print("| ---: | ---: | ---: | ---: |")
         print(" | ".join(["", *(f"{_pct(samples, p)} ms" for p in (50, 90, 99, 100)), ""]).strip())

@@ -31,8 +31,15 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=20_000)
     n = parser.parse_args().n
     now = int(time.time() * 1000)
-    voucher = Voucher("v0123456789abcdef.d_0123456789abcdef", "d_0123456789abcdef",
-                      "u-123456", "m-42", 1, now, now + 86_400_000)  # fmt: skip
+    voucher = Voucher(
+        "v0123456789abcdef.d_0123456789abcdef",
+        "d_0123456789abcdef",
+        "u-123456",
+        "m-42",
+        1,
+        now,
+        now + 86_400_000,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         signer = VoucherSigner(Path(tmp))
         token = signer.sign(voucher)
@@ -41,10 +48,12 @@ def main() -> None:
         headers = {"kid": signer.kid, "typ": "vch+jwt"}
         rows = [
             ("sign (engine, hand-built JWS)", _per_op_us(lambda: signer.sign(voucher), n)),
-            ("sign (jwt.encode, for comparison)",
-             _per_op_us(lambda: jwt.encode(payload, key, "ES256", headers=headers), n)),
+            (
+                "sign (jwt.encode, for comparison)",
+                _per_op_us(lambda: jwt.encode(payload, key, "ES256", headers=headers), n),
+            ),
             ("verify (engine, server side)", _per_op_us(lambda: signer.verify(token), n)),
-        ]  # fmt: skip
+        ]
     print(f"{'operation':<36} {'us/op':>8} {'ops/s/core':>11}")
     for name, us in rows:
         print(f"{name:<36} {us:8.1f} {1e6 / us:11.0f}")

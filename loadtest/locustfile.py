@@ -52,16 +52,38 @@ MSG_DEALS = "flashsale_deals"
 @events.init_command_line_parser.add_listener
 def _options(parser: Any) -> None:
     group = parser.add_argument_group("flashsale")
-    group.add_argument("--auth-secret", env_var="FLASHSALE_AUTH_SECRET", default="",
-                       help="the API's HS256 secret (FLASHSALE_AUTH_SECRET)")  # fmt: skip
-    group.add_argument("--race-inventory", type=int, default=2000, env_var="LOCUST_RACE_INVENTORY",
-                       help="vouchers in the hot deal the racers fight over")  # fmt: skip
-    group.add_argument("--race-deal", default="", env_var="LOCUST_RACE_DEAL",
-                       help="race on this existing deal instead of creating one")  # fmt: skip
-    group.add_argument("--tokens", type=int, default=10_000, env_var="LOCUST_TOKENS",
-                       help="distinct users to mint tokens for (per process)")  # fmt: skip
-    group.add_argument("--center", default="12.9716,77.5946", env_var="LOCUST_CENTER",
-                       help="lat,lng the shoppers stand around")  # fmt: skip
+    group.add_argument(
+        "--auth-secret",
+        env_var="FLASHSALE_AUTH_SECRET",
+        default="",
+        help="the API's HS256 secret (FLASHSALE_AUTH_SECRET)",
+    )
+    group.add_argument(
+        "--race-inventory",
+        type=int,
+        default=2000,
+        env_var="LOCUST_RACE_INVENTORY",
+        help="vouchers in the hot deal the racers fight over",
+    )
+    group.add_argument(
+        "--race-deal",
+        default="",
+        env_var="LOCUST_RACE_DEAL",
+        help="race on this existing deal instead of creating one",
+    )
+    group.add_argument(
+        "--tokens",
+        type=int,
+        default=10_000,
+        env_var="LOCUST_TOKENS",
+        help="distinct users to mint tokens for (per process)",
+    )
+    group.add_argument(
+        "--center",
+        default="12.9716,77.5946",
+        env_var="LOCUST_CENTER",
+        help="lat,lng the shoppers stand around",
+    )
 
 
 @dataclass
@@ -93,15 +115,21 @@ def _iso(dt: datetime) -> str:
 def deal_body(title: str, lat: float, lng: float, inventory: int) -> dict[str, Any]:
     """A create-deal body for a deal active now, for the next six hours."""
     now = datetime.now(UTC)
-    return {"title": title, "lat": lat, "lng": lng, "inventory": inventory,
-            "starts_at": _iso(now - timedelta(minutes=1)),
-            "ends_at": _iso(now + timedelta(hours=6))}  # fmt: skip
+    return {
+        "title": title,
+        "lat": lat,
+        "lng": lng,
+        "inventory": inventory,
+        "starts_at": _iso(now - timedelta(minutes=1)),
+        "ends_at": _iso(now + timedelta(hours=6)),
+    }
 
 
 def _call(host: str, method: str, path: str, token: str = "", body: Any = None) -> Any:
     """One set-up or check request (outside locust's statistics)."""
-    req = urllib.request.Request(host.rstrip("/") + path, method=method,
-                                 data=None if body is None else orjson.dumps(body))  # fmt: skip
+    req = urllib.request.Request(
+        host.rstrip("/") + path, method=method, data=None if body is None else orjson.dumps(body)
+    )
     req.add_header("Content-Type", "application/json")
     if token:
         req.add_header("Authorization", f"Bearer {token}")
@@ -114,8 +142,10 @@ def _mint_tokens(opts: Any) -> None:
         raise SystemExit("flashsale locustfile: set FLASHSALE_AUTH_SECRET (or --auth-secret)")
     # Distinct across processes of a distributed run, and across runs on one deployment.
     prefix = f"lt-{os.getpid():x}{int(time.time()) % 100_000:x}"
-    PLAN.user_tokens = [mint(opts.auth_secret, f"{prefix}-{i}", "user", TOKEN_TTL_S)
-                        for i in range(max(1, opts.tokens))]  # fmt: skip
+    PLAN.user_tokens = [
+        mint(opts.auth_secret, f"{prefix}-{i}", "user", TOKEN_TTL_S)
+        for i in range(max(1, opts.tokens))
+    ]
     PLAN.merchant_token = mint(opts.auth_secret, f"{prefix}-m", "merchant", TOKEN_TTL_S)
     PLAN.merchant_tokens = [
         mint(opts.auth_secret, f"{prefix}-m{i}", "merchant", TOKEN_TTL_S) for i in range(MERCHANTS)
@@ -134,12 +164,20 @@ def _create_deals(host: str, opts: Any) -> None:
     # Each shop its own merchant: one merchant creating them all would meet its rate limit.
     shops = PLAN.merchant_tokens or [PLAN.merchant_token]
     PLAN.shopper_deals = [
-        _call(host, "POST", "/v1/deals", shops[i % len(shops)],
-              deal_body(f"locust shop {i}", lat + rng.uniform(-SPREAD_DEG, SPREAD_DEG),
-                        lng + rng.uniform(-SPREAD_DEG, SPREAD_DEG),
-                        SHOPPER_DEAL_INVENTORY))["deal"]["id"]
+        _call(
+            host,
+            "POST",
+            "/v1/deals",
+            shops[i % len(shops)],
+            deal_body(
+                f"locust shop {i}",
+                lat + rng.uniform(-SPREAD_DEG, SPREAD_DEG),
+                lng + rng.uniform(-SPREAD_DEG, SPREAD_DEG),
+                SHOPPER_DEAL_INVENTORY,
+            ),
+        )["deal"]["id"]
         for i in range(SHOPPER_DEALS)
-    ]  # fmt: skip
+    ]
     log.info("race deal %s, %d shopper deals", PLAN.race_deal, len(PLAN.shopper_deals))
 
 
@@ -169,9 +207,14 @@ def _on_test_start(environment: Environment, **_kw: Any) -> None:
     opts = environment.parsed_options
     _create_deals(environment.host or "", opts)
     if isinstance(runner, MasterRunner):
-        runner.send_message(MSG_DEALS, {"race_deal": PLAN.race_deal,
-                                        "shopper_deals": PLAN.shopper_deals,
-                                        "center": list(PLAN.center)})  # fmt: skip
+        runner.send_message(
+            MSG_DEALS,
+            {
+                "race_deal": PLAN.race_deal,
+                "shopper_deals": PLAN.shopper_deals,
+                "center": list(PLAN.center),
+            },
+        )
 
 
 @events.report_to_master.add_listener
@@ -203,9 +246,11 @@ def _check_race(environment: Environment, **_kw: Any) -> None:
         environment.process_exit_code = 1
         return
     problems = race_verdict(counts, deal, fresh=not environment.parsed_options.race_deal)
-    summary = (f"race on {PLAN.race_deal}: inventory {deal['inventory_total']}, "
-               f"{len(PLAN.counts.new_vouchers)} vouchers issued, {deal['inventory_left']} left, "
-               f"answers by status {dict(sorted(racers.items()))}")  # fmt: skip
+    summary = (
+        f"race on {PLAN.race_deal}: inventory {deal['inventory_total']}, "
+        f"{len(PLAN.counts.new_vouchers)} vouchers issued, {deal['inventory_left']} left, "
+        f"answers by status {dict(sorted(racers.items()))}"
+    )
     if problems:
         log.error("flashsale race check FAILED: %s; %s", summary, "; ".join(problems))
         environment.process_exit_code = 1
@@ -239,8 +284,12 @@ class RaceUser(_Caller):
     def claim(self) -> None:
         if not PLAN.race_deal:
             return
-        with self.client.post(f"/v1/deals/{PLAN.race_deal}/claims", headers=self.headers,
-                              name="race: claim", catch_response=True) as resp:  # fmt: skip
+        with self.client.post(
+            f"/v1/deals/{PLAN.race_deal}/claims",
+            headers=self.headers,
+            name="race: claim",
+            catch_response=True,
+        ) as resp:
             status = resp.status_code
             counts = PLAN.counts
             counts.statuses[str(status)] = counts.statuses.get(str(status), 0) + 1
@@ -257,8 +306,9 @@ class RaceUser(_Caller):
             else:
                 resp.failure(f"{status}")
         if self.voucher is not None:
-            self.client.get(f"/v1/vouchers/{self.voucher}", headers=self.headers,
-                            name="race: my voucher")  # fmt: skip
+            self.client.get(
+                f"/v1/vouchers/{self.voucher}", headers=self.headers, name="race: my voucher"
+            )
         self.decided = status in (200, 201, 409)
 
 
@@ -276,14 +326,16 @@ class ShopperUser(_Caller):
     @task(5)
     def discover(self) -> None:
         lat, lng = self._point()
-        self.client.get(f"/v1/deals?lat={lat:.5f}&lng={lng:.5f}&radius_km=5&limit=20",
-                        name="shop: discover")  # fmt: skip
+        self.client.get(
+            f"/v1/deals?lat={lat:.5f}&lng={lng:.5f}&radius_km=5&limit=20", name="shop: discover"
+        )
 
     @task(2)
     def discover_and_claim(self) -> None:
         lat, lng = self._point()
-        resp = self.client.get(f"/v1/deals?lat={lat:.5f}&lng={lng:.5f}&radius_km=5",
-                               name="shop: discover")  # fmt: skip
+        resp = self.client.get(
+            f"/v1/deals?lat={lat:.5f}&lng={lng:.5f}&radius_km=5", name="shop: discover"
+        )
         deals = resp.json().get("deals", []) if resp.status_code == 200 else []
         # The race's deal is the racers' alone: its check counts every voucher it issued.
         deals = [d for d in deals if d["id"] != PLAN.race_deal]
@@ -292,8 +344,12 @@ class ShopperUser(_Caller):
             deal_id = random.choice(PLAN.shopper_deals)
         if deal_id is None:
             return
-        with self.client.post(f"/v1/deals/{deal_id}/claims", headers=self.headers,
-                              name="shop: claim", catch_response=True) as claim:  # fmt: skip
+        with self.client.post(
+            f"/v1/deals/{deal_id}/claims",
+            headers=self.headers,
+            name="shop: claim",
+            catch_response=True,
+        ) as claim:
             if claim.status_code in (200, 201):
                 voucher = claim.json()["voucher"]
                 claim.success()
@@ -303,15 +359,15 @@ class ShopperUser(_Caller):
             else:
                 claim.failure(f"{claim.status_code}")
                 return
-        self.client.get(f"/v1/vouchers/{voucher['id']}", headers=self.headers,
-                        name="shop: voucher")  # fmt: skip
+        self.client.get(f"/v1/vouchers/{voucher['id']}", headers=self.headers, name="shop: voucher")
         self.client.get(voucher["qr_url"], headers=self.headers, name="shop: voucher qr")
 
     @task(1)
     def read_deal(self) -> None:
         if PLAN.shopper_deals:
-            self.client.get(f"/v1/deals/{random.choice(PLAN.shopper_deals)}",
-                            name="shop: read deal")  # fmt: skip
+            self.client.get(
+                f"/v1/deals/{random.choice(PLAN.shopper_deals)}", name="shop: read deal"
+            )
 
 
 class MerchantUser(_Caller):
@@ -328,11 +384,18 @@ class MerchantUser(_Caller):
     @task
     def create_deal(self) -> None:
         lat, lng = PLAN.center
-        body = deal_body("locust merchant deal", lat + random.uniform(-SPREAD_DEG, SPREAD_DEG),
-                         lng + random.uniform(-SPREAD_DEG, SPREAD_DEG), 50)  # fmt: skip
-        resp = self.client.post("/v1/deals", data=orjson.dumps(body),
-                                headers={**self.headers, "Content-Type": "application/json"},
-                                name="merchant: create deal")  # fmt: skip
+        body = deal_body(
+            "locust merchant deal",
+            lat + random.uniform(-SPREAD_DEG, SPREAD_DEG),
+            lng + random.uniform(-SPREAD_DEG, SPREAD_DEG),
+            50,
+        )
+        resp = self.client.post(
+            "/v1/deals",
+            data=orjson.dumps(body),
+            headers={**self.headers, "Content-Type": "application/json"},
+            name="merchant: create deal",
+        )
         if resp.status_code == 201:
             deal_id = resp.json()["deal"]["id"]
             self.client.get(f"/v1/deals/{deal_id}", name="merchant: read deal")

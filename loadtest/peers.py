@@ -176,8 +176,9 @@ class _Peer:
             return _json(body, exc.status)
 
         routes = [Route("/healthz", self.healthz), *routes]
-        return Starlette(routes=routes, lifespan=lifespan,
-                         exception_handlers={FlashsaleError: on_error})  # fmt: skip
+        return Starlette(
+            routes=routes, lifespan=lifespan, exception_handlers={FlashsaleError: on_error}
+        )
 
 
 class PostgresPeer(_Peer):
@@ -193,16 +194,25 @@ class PostgresPeer(_Peer):
         voucher_id = f"v{secrets.token_hex(8)}.{deal_id}"
         assert self.pool is not None
         try:
-            row = await self.pool.fetchrow("SELECT * FROM peer_claim($1, $2, $3)",
-                                           deal_id, user, voucher_id)  # fmt: skip
+            row = await self.pool.fetchrow(
+                "SELECT * FROM peer_claim($1, $2, $3)", deal_id, user, voucher_id
+            )
         except asyncpg.UniqueViolationError:
-            row = await self.pool.fetchrow("SELECT * FROM peer_claim($1, $2, $3)",
-                                           deal_id, user, voucher_id)  # fmt: skip
+            row = await self.pool.fetchrow(
+                "SELECT * FROM peer_claim($1, $2, $3)", deal_id, user, voucher_id
+            )
         assert row is not None
         if row["outcome"] not in ("claimed", "already"):
             return _refuse(row["outcome"])
-        voucher = Voucher(row["voucher_id"], deal_id, user, row["merchant_id"], 0,
-                          row["claimed_ms"], row["redeem_ms"])  # fmt: skip
+        voucher = Voucher(
+            row["voucher_id"],
+            deal_id,
+            user,
+            row["merchant_id"],
+            0,
+            row["claimed_ms"],
+            row["redeem_ms"],
+        )
         return self.voucher(ClaimResult(voucher, row["outcome"] == "claimed", row["left_after"]))
 
     async def discover(self, request: Request) -> Response:
@@ -220,16 +230,23 @@ class PostgresPeer(_Peer):
         @asynccontextmanager
         async def lifespan(app: Starlette) -> AsyncIterator[None]:
             self.pool = await asyncpg.create_pool(
-                os.environ["BENCH_DATABASE_URL"], min_size=20, max_size=20,
+                os.environ["BENCH_DATABASE_URL"],
+                min_size=20,
+                max_size=20,
                 server_settings={"synchronous_commit": "off"},
-            )  # fmt: skip
+            )
             try:
                 yield
             finally:
                 await self.pool.close()
 
-        return self.app([Route("/v1/deals/{deal_id}/claims", self.claim, methods=["POST"]),
-                         Route("/v1/deals", self.discover)], lifespan)  # fmt: skip
+        return self.app(
+            [
+                Route("/v1/deals/{deal_id}/claims", self.claim, methods=["POST"]),
+                Route("/v1/deals", self.discover),
+            ],
+            lifespan,
+        )
 
 
 def lock_deal_key(deal_id: str) -> str:
@@ -309,27 +326,47 @@ class LockPeer(_Peer):
         async def lifespan(app: Starlette) -> AsyncIterator[None]:
             url = os.environ["BENCH_REDIS_URL"]
             self.redis = aioredis.Redis.from_url(url, decode_responses=True, max_connections=512)
-            self.pool = await asyncpg.create_pool(os.environ["BENCH_DATABASE_URL"],
-                                                  min_size=2, max_size=4)  # fmt: skip
+            self.pool = await asyncpg.create_pool(
+                os.environ["BENCH_DATABASE_URL"], min_size=2, max_size=4
+            )
             try:
                 yield
             finally:
                 await self.redis.aclose()
                 await self.pool.close()
 
-        return self.app([Route("/v1/deals/{deal_id}/claims", self.claim, methods=["POST"]),
-                         Route("/v1/deals", self.discover)], lifespan)  # fmt: skip
+        return self.app(
+            [
+                Route("/v1/deals/{deal_id}/claims", self.claim, methods=["POST"]),
+                Route("/v1/deals", self.discover),
+            ],
+            lifespan,
+        )
 
 
 _UNLOCK = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end"
 
 
-async def seed_lock_deal(redis: Any, deal_id: str, merchant: str, inventory: int,
-                         starts_ms: int, ends_ms: int, redeem_ms: int) -> None:  # fmt: skip
+async def seed_lock_deal(
+    redis: Any,
+    deal_id: str,
+    merchant: str,
+    inventory: int,
+    starts_ms: int,
+    ends_ms: int,
+    redeem_ms: int,
+) -> None:
     """Create a deal as the ``lock`` peer keeps it."""
-    await redis.hset(lock_deal_key(deal_id), mapping={
-        "merchant": merchant, "left": inventory, "starts": starts_ms, "ends": ends_ms,
-        "redeem": redeem_ms})  # fmt: skip
+    await redis.hset(
+        lock_deal_key(deal_id),
+        mapping={
+            "merchant": merchant,
+            "left": inventory,
+            "starts": starts_ms,
+            "ends": ends_ms,
+            "redeem": redeem_ms,
+        },
+    )
 
 
 def pg_app() -> Starlette:
@@ -347,9 +384,18 @@ def main() -> None:
     p.add_argument("--port", type=int, default=8101)
     p.add_argument("--workers", type=int, default=1)
     args = p.parse_args()
-    uvicorn.run(f"loadtest.peers:{args.peer}_app", factory=True, host=args.host, port=args.port,
-                workers=args.workers, loop="uvloop", http="httptools", access_log=False,
-                log_level="warning", backlog=4096)  # fmt: skip
+    uvicorn.run(
+        f"loadtest.peers:{args.peer}_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        loop="uvloop",
+        http="httptools",
+        access_log=False,
+        log_level="warning",
+        backlog=4096,
+    )
 
 
 if __name__ == "__main__":

@@ -24,9 +24,12 @@ class RaceCounts:
         self.server_errors += data.get("server_errors", 0)
 
     def as_message(self) -> dict[str, Any]:
-        return {"statuses": dict(self.statuses), "new_vouchers": sorted(self.new_vouchers),
-                "mismatched_retries": self.mismatched_retries,
-                "server_errors": self.server_errors}  # fmt: skip
+        return {
+            "statuses": dict(self.statuses),
+            "new_vouchers": sorted(self.new_vouchers),
+            "mismatched_retries": self.mismatched_retries,
+            "server_errors": self.server_errors,
+        }
 
 
 def race_verdict(counts: RaceCounts, deal: dict[str, Any], fresh: bool = True) -> list[str]:

@@ -22,8 +22,7 @@ SERVERS = ("uvicorn", "granian")
 
 def serve_env(settings: Settings, **extra: str) -> dict[str, str]:
     """The environment `flashsale serve` reads, for ``settings`` (nothing else FLASHSALE_*)."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("FLASHSALE_", "PROMETHEUS_"))}  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLASHSALE_", "PROMETHEUS_"))}
     pairs = {
         "FLASHSALE_REDIS_URL": settings.redis_url,
         "FLASHSALE_REDIS_CLUSTER": "1" if settings.redis_cluster else None,
@@ -60,13 +59,27 @@ class Served:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout_s: float = 60) -> Served:
-        argv = [sys.executable, "-m", "flashsale", "serve", "--server", self.server,
-                "--port", str(self.port), "--workers", str(self.workers)]  # fmt: skip
+        argv = [
+            sys.executable,
+            "-m",
+            "flashsale",
+            "serve",
+            "--server",
+            self.server,
+            "--port",
+            str(self.port),
+            "--workers",
+            str(self.workers),
+        ]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                argv, env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                argv,
+                env=self.env,
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,
-            )  # fmt: skip
+            )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

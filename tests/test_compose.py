@@ -35,8 +35,13 @@ def services(compose: dict[str, Any]) -> dict[str, Any]:
 
 
 def _help(*args: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "flashsale", *args, "--help"],
-                          capture_output=True, text=True, timeout=30, cwd=ROOT)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "flashsale", *args, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+    )
     assert done.returncode == 0, done.stderr
     return done.stdout
 
@@ -186,8 +191,12 @@ def test_nginx_accepts_the_load_balancer_config(tmp_path: Path) -> None:
     conf = conf.replace("/tmp/", f"{tmp_path}/")
     path = tmp_path / "nginx.conf"
     path.write_text(conf)
-    done = subprocess.run([nginx, "-t", "-p", str(tmp_path), "-e", "stderr", "-c", str(path)],
-                          capture_output=True, text=True, timeout=30)  # fmt: skip
+    done = subprocess.run(
+        [nginx, "-t", "-p", str(tmp_path), "-e", "stderr", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert done.returncode == 0, done.stderr
     assert "test is successful" in done.stderr
 

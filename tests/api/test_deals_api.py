@@ -22,8 +22,14 @@ def iso(dt: datetime) -> str:
 
 def create(api: RunningApi, client: httpx.Client, merchant: str = "m-1", **fields: Any) -> dict:
     now = datetime.now(UTC)
-    body = {"title": "espresso", "lat": 12.97, "lng": 77.59, "inventory": 3,
-            "ends_at": iso(now + timedelta(hours=1)), **fields}  # fmt: skip
+    body = {
+        "title": "espresso",
+        "lat": 12.97,
+        "lng": 77.59,
+        "inventory": 3,
+        "ends_at": iso(now + timedelta(hours=1)),
+        **fields,
+    }
     r = client.post("/v1/deals", json=body, headers=api.auth("merchant", merchant))
     assert r.status_code == 201, r.text
     return r.json()["deal"]  # type: ignore[no-any-return]
@@ -45,8 +51,9 @@ def test_create_applies_defaults_and_null_means_absent(
 
 
 def test_zone_offsets_are_normalised_to_utc(api: RunningApi, client: httpx.Client) -> None:
-    d = create(api, client, starts_at="2099-01-01T05:30:00+05:30",
-               ends_at="2099-01-01T02:00:00.250+01:00")  # fmt: skip
+    d = create(
+        api, client, starts_at="2099-01-01T05:30:00+05:30", ends_at="2099-01-01T02:00:00.250+01:00"
+    )
     assert d["starts_at"] == "2099-01-01T00:00:00.000Z"
     assert d["ends_at"] == "2099-01-01T01:00:00.250Z"
     assert d["status"] == "scheduled"
@@ -117,8 +124,10 @@ def test_redis_stopped_claims_answer_503_fast_then_recover(
     api = make_api(Settings(redis_url=own_redis.url, database_url=database_url))
     with httpx.Client(base_url=api.url, timeout=10) as client:
         d = create(api, client, inventory=5)
-        assert client.post(f"/v1/deals/{d['id']}/claims",
-                           headers=api.auth("user", "u-1")).status_code == 201  # fmt: skip
+        assert (
+            client.post(f"/v1/deals/{d['id']}/claims", headers=api.auth("user", "u-1")).status_code
+            == 201
+        )
         own_redis.stop()
         for user in ("u-2", "u-3"):
             t0 = time.monotonic()
@@ -129,9 +138,18 @@ def test_redis_stopped_claims_answer_503_fast_then_recover(
             assert int(r.headers["Retry-After"]) >= 1
         r = client.get("/readyz")
         assert r.status_code == 503 and r.json()["checks"]["redis"] == "down"
-        r = client.post("/v1/deals", json={"title": "x", "lat": 1, "lng": 1, "inventory": 1,
-                        "ends_at": "2099-01-01T00:00:00Z", "starts_at": "2098-12-31T00:00:00Z"},
-                        headers=api.auth("merchant", "m-1"))  # fmt: skip
+        r = client.post(
+            "/v1/deals",
+            json={
+                "title": "x",
+                "lat": 1,
+                "lng": 1,
+                "inventory": 1,
+                "ends_at": "2099-01-01T00:00:00Z",
+                "starts_at": "2098-12-31T00:00:00Z",
+            },
+            headers=api.auth("merchant", "m-1"),
+        )
         assert r.status_code == 503
         own_redis.start()
         r = client.post(f"/v1/deals/{d['id']}/claims", headers=api.auth("user", "u-2"))

@@ -12,9 +12,20 @@ from tests.api.conftest import RunningApi
 
 LAT, LNG = 12.9716, 77.5946
 DEAL_KEYS = {
-    "id", "merchant_id", "title", "description", "lat", "lng", "inventory_total",
-    "inventory_left", "starts_at", "ends_at", "redeem_until", "status", "distance_km",
-}  # fmt: skip
+    "id",
+    "merchant_id",
+    "title",
+    "description",
+    "lat",
+    "lng",
+    "inventory_total",
+    "inventory_left",
+    "starts_at",
+    "ends_at",
+    "redeem_until",
+    "status",
+    "distance_km",
+}
 
 
 def create(api: RunningApi, client: httpx.Client, lat: float, lng: float, **extra: object) -> str:
@@ -60,8 +71,12 @@ def test_bad_or_missing_parameters_are_422_naming_each(
 
 def test_bounds_are_inclusive_where_api_md_says(client: httpx.Client) -> None:
     """lat +-85.05112878, lng +-180, radius 50 and limit 1..100 are all accepted."""
-    for query in ("lat=85.05112878&lng=180", "lat=-85.05112878&lng=-180&radius_km=50",
-                  "lat=0&lng=0&limit=1", "lat=0&lng=0&limit=100&radius_km=0.001"):  # fmt: skip
+    for query in (
+        "lat=85.05112878&lng=180",
+        "lat=-85.05112878&lng=-180&radius_km=50",
+        "lat=0&lng=0&limit=1",
+        "lat=0&lng=0&limit=100&radius_km=0.001",
+    ):
         r = client.get(f"/v1/deals?{query}")
         assert r.status_code == 200, (query, r.text)
         assert r.json() == {"deals": [], "count": 0}
@@ -84,8 +99,9 @@ def test_discovery_is_public_and_shaped_as_api_md_says(
     assert first["distance_km"] == pytest.approx(haversine_km(LAT, LNG, LAT + 0.001, LNG))
     assert first["ends_at"].endswith("Z")
     # radius_km narrows it; limit cuts it; both nearest first.
-    assert [d["id"] for d in client.get(f"/v1/deals?lat={LAT}&lng={LNG}&radius_km=1").json()[
-        "deals"]] == [near]  # fmt: skip
+    assert [
+        d["id"] for d in client.get(f"/v1/deals?lat={LAT}&lng={LNG}&radius_km=1").json()["deals"]
+    ] == [near]
     assert client.get(f"/v1/deals?lat={LAT}&lng={LNG}&limit=1").json()["count"] == 1
 
 

@@ -32,13 +32,22 @@ def test_a_refused_claim_has_the_same_answer_as_any_other_error(
     assert r.status_code == 404
     assert r.headers["content-type"] == "application/json"
     assert int(r.headers["content-length"]) == len(r.content)
-    assert r.json() == {"error": {"code": "deal_not_found", "message": "No such deal.",
-                                  "details": {"deal_id": "d_missing"}}}  # fmt: skip
+    assert r.json() == {
+        "error": {
+            "code": "deal_not_found",
+            "message": "No such deal.",
+            "details": {"deal_id": "d_missing"},
+        }
+    }
     unauthenticated = client.post("/v1/deals/d_missing/claims")
     assert unauthenticated.status_code == 401
     assert unauthenticated.json()["error"]["code"] == "unauthenticated"
     text = client.get("/metrics").text
-    line = next(x for x in text.splitlines()
-                if x.startswith("flashsale_http_requests_total{")
-                and 'route="/v1/deals/{deal_id}/claims"' in x and 'status="404"' in x)  # fmt: skip
+    line = next(
+        x
+        for x in text.splitlines()
+        if x.startswith("flashsale_http_requests_total{")
+        and 'route="/v1/deals/{deal_id}/claims"' in x
+        and 'status="404"' in x
+    )
     assert float(line.rsplit(" ", 1)[1]) == 1.0

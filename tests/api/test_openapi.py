@@ -237,20 +237,28 @@ def test_the_running_app_answers_as_its_document_says(
     (tmp_path / "schemathesis.toml").write_text(_config(api, client))
     proc = subprocess.run(
         [
-            exe, "run", f"{api.url}/openapi.json",
-            "--checks", ",".join(CHECKS),
-            "--phases", "examples,fuzzing",  # coverage trips a hypothesis bug on 3.11
-            "--max-examples", "40",
-            "--max-time", "45",
-            "--workers", "2",
-            "--report-dir", str(tmp_path),
+            exe,
+            "run",
+            f"{api.url}/openapi.json",
+            "--checks",
+            ",".join(CHECKS),
+            "--phases",
+            "examples,fuzzing",  # coverage trips a hypothesis bug on 3.11
+            "--max-examples",
+            "40",
+            "--max-time",
+            "45",
+            "--workers",
+            "2",
+            "--report-dir",
+            str(tmp_path),
             "--no-color",
         ],
         capture_output=True,
         text=True,
         timeout=110,
         cwd=tmp_path,
-    )  # fmt: skip
+    )
     assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-2000:]
     ran = re.search(r"(\d+) generated, (\d+) passed", proc.stdout)
     assert ran, proc.stdout[-3000:]

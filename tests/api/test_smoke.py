@@ -13,8 +13,14 @@ def test_healthz_answers_ok_while_the_process_is_up(client: httpx.Client) -> Non
 
 
 def test_create_read_claim_round_trip(api: RunningApi, client: httpx.Client) -> None:
-    body = {"title": "espresso", "lat": 12.97, "lng": 77.59, "inventory": 2,
-            "ends_at": "2099-01-01T00:00:00Z", "starts_at": "2098-12-31T00:00:00Z"}  # fmt: skip
+    body = {
+        "title": "espresso",
+        "lat": 12.97,
+        "lng": 77.59,
+        "inventory": 2,
+        "ends_at": "2099-01-01T00:00:00Z",
+        "starts_at": "2098-12-31T00:00:00Z",
+    }
     r = client.post("/v1/deals", json=body, headers=api.auth("merchant", "m-1"))
     assert r.status_code == 201, r.text
     deal = r.json()["deal"]

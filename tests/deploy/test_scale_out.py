@@ -79,9 +79,15 @@ def start_stack(settings: Settings, server: str, tmp: Path) -> Stack:
             apis.append(served.start())
         for i in range(2):
             with open(tmp / f"persister-{i}.log", "ab") as log:
-                persisters.append(subprocess.Popen(
-                    [sys.executable, "-m", "flashsale", "persist"], env=serve_env(settings),
-                    cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))  # fmt: skip
+                persisters.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "flashsale", "persist"],
+                        env=serve_env(settings),
+                        cwd=ROOT,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                    )
+                )
         nginx = Nginx([a.port for a in apis], tmp / "nginx").start()
     except BaseException:
         stop_stack(Stack(settings, apis, persisters, nginx or Nginx([], tmp), tmp))
@@ -119,8 +125,13 @@ def stack_factory(tmp_path: Path) -> Iterator[Any]:
 
 def create_deal(url: str, inventory: int) -> str:
     ends = (datetime.now(UTC) + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
-    body = {"title": "scale-out", "lat": 12.97, "lng": 77.59, "inventory": inventory,
-            "ends_at": ends}  # fmt: skip
+    body = {
+        "title": "scale-out",
+        "lat": 12.97,
+        "lng": 77.59,
+        "inventory": inventory,
+        "ends_at": ends,
+    }
     headers = {"Authorization": f"Bearer {mint(SECRET, 'm-1', 'merchant')}"}
     r = httpx.post(f"{url}/v1/deals", json=body, headers=headers, timeout=10)
     assert r.status_code == 201, r.text
@@ -186,18 +197,22 @@ async def persisted(dsn: str, deal: str) -> list[tuple[str, str]]:
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize(
     ("topology", "server"),
-    [("node", "uvicorn"), ("node", "granian"),
-     pytest.param("cluster", DEFAULT_SERVER, marks=pytest.mark.cluster)],
+    [
+        ("node", "uvicorn"),
+        ("node", "granian"),
+        pytest.param("cluster", DEFAULT_SERVER, marks=pytest.mark.cluster),
+    ],
     indirect=["topology"],
-)  # fmt: skip
+)
 def test_race_through_nginx_over_three_api_processes_survives_one_killed(
     stack_factory: Any, topology: tuple[str, bool], stack_db: str, server: str
 ) -> None:
     """Exactly N vouchers for N people; only the killed process's requests fail, in JSON."""
     url, cluster = topology
     flush(url, cluster)
-    stack = stack_factory(Settings(redis_url=url, redis_cluster=cluster, database_url=stack_db),
-                          server)  # fmt: skip
+    stack = stack_factory(
+        Settings(redis_url=url, redis_cluster=cluster, database_url=stack_db), server
+    )
     deal = create_deal(stack.nginx.url, INVENTORY)
     answers, victim = run_race(stack, deal)
     assert victim.proc is not None and victim.proc.poll() is not None, "the victim still runs"
@@ -217,15 +232,22 @@ def test_race_through_nginx_over_three_api_processes_survives_one_killed(
     # A caller whose claim died with the process retries: the same voucher, or sold out.
     retried = asyncio.run(claim_all(stack.nginx.url, deal, [u for u, _, _ in failed]))
     assert {status for _, status, _ in retried} <= {200, 201, 409}
-    won = {user: body["voucher"]["id"] for user, status, body in answers + retried
-           if status in (200, 201)}  # fmt: skip
+    won = {
+        user: body["voucher"]["id"]
+        for user, status, body in answers + retried
+        if status in (200, 201)
+    }
     assert len(won) == INVENTORY
     assert len(set(won.values())) == INVENTORY
 
     done = subprocess.run(
         [sys.executable, "-m", "flashsale", "reconcile", "--wait", "60"],
-        env=serve_env(stack.settings), cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        env=serve_env(stack.settings),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     rows = asyncio.run(persisted(stack_db, deal))
     assert len(rows) == INVENTORY
@@ -234,16 +256,28 @@ def test_race_through_nginx_over_three_api_processes_survives_one_killed(
 
 
 MALFORMED = {
-    "bad Content-Length": (b"POST /v1/deals HTTP/1.1\r\nHost: x\r\nContent-Length: 12abc\r\n\r\n",
-                           400, "bad_request"),
-    "16 KiB request line": (b"GET /v1/deals/" + b"a" * 16384 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
-                            414, "uri_too_long"),
-    "64 KiB header": (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 65536 + b"\r\n\r\n",
-                      431, "headers_too_large"),
+    "bad Content-Length": (
+        b"POST /v1/deals HTTP/1.1\r\nHost: x\r\nContent-Length: 12abc\r\n\r\n",
+        400,
+        "bad_request",
+    ),
+    "16 KiB request line": (
+        b"GET /v1/deals/" + b"a" * 16384 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+        414,
+        "uri_too_long",
+    ),
+    "64 KiB header": (
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 65536 + b"\r\n\r\n",
+        431,
+        "headers_too_large",
+    ),
     "not HTTP": (b"HELLO THERE\r\n\r\n", 400, "bad_request"),
-    "body over 2 MiB": (b"POST /v1/redemptions/sync HTTP/1.1\r\nHost: x\r\n"
-                        b"Content-Length: 3000000\r\n\r\n{", 413, "payload_too_large"),
-}  # fmt: skip
+    "body over 2 MiB": (
+        b"POST /v1/redemptions/sync HTTP/1.1\r\nHost: x\r\nContent-Length: 3000000\r\n\r\n{",
+        413,
+        "payload_too_large",
+    ),
+}
 
 
 def raw_request(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:

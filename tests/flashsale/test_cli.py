@@ -94,8 +94,18 @@ def _alive(pid: int) -> bool:
 
 def test_help_lists_every_command() -> None:
     out = subprocess.run([*FLASHSALE, "--help"], capture_output=True, text=True, check=True)
-    for command in ("up", "serve", "persist", "migrate", "replay", "reconcile",
-                    "rebuild-redis", "token", "keys", "verifier"):  # fmt: skip
+    for command in (
+        "up",
+        "serve",
+        "persist",
+        "migrate",
+        "replay",
+        "reconcile",
+        "rebuild-redis",
+        "token",
+        "keys",
+        "verifier",
+    ):
         assert command in out.stdout
 
 
@@ -103,9 +113,11 @@ def test_token_prints_a_caller_token_signed_with_the_secret(tmp_path: Path) -> N
     secret = "t" * 40
     out = subprocess.run(
         [*FLASHSALE, "token", "--role", "merchant", "--sub", "m-7", "--ttl", "15m"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
         env=_env(tmp_path, FLASHSALE_AUTH_SECRET=secret),
-    )  # fmt: skip
+    )
     claims = jwt.decode(out.stdout.strip(), secret, algorithms=["HS256"])
     assert (claims["sub"], claims["role"]) == ("m-7", "merchant")
     assert 850 <= claims["exp"] - time.time() <= 900
@@ -128,8 +140,9 @@ def test_serve_answers_and_stops_on_sigterm(tmp_path: Path, redis_url: str) -> N
         proc = subprocess.Popen(
             [*FLASHSALE, "serve", "--port", str(port)],
             env=_env(tmp_path, FLASHSALE_REDIS_URL=redis_url, FLASHSALE_AUTH_SECRET="s" * 40),
-            stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
         _wait_healthy(f"http://127.0.0.1:{port}", proc)
         proc.send_signal(signal.SIGTERM)
@@ -152,8 +165,10 @@ def test_up_starts_everything_answers_and_ctrl_c_stops_all(tmp_path: Path) -> No
     tmp_path.chmod(0o700)  # the data dir's parent, as closed as /root
     proc = subprocess.Popen(
         [*FLASHSALE, "up", "--demo", "--port", str(port)],
-        env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+        env=_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         _wait_healthy(url, proc, 120)
@@ -258,17 +273,20 @@ def test_serve_with_two_workers_sums_their_metrics(tmp_path: Path, redis_url: st
     proc = subprocess.Popen(
         [*FLASHSALE, "serve", "--port", str(port), "--workers", "2"],
         env=_env(tmp_path, FLASHSALE_REDIS_URL=redis_url, FLASHSALE_AUTH_SECRET="s" * 40),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         _wait_healthy(url, proc)
         for _ in range(60):  # a new connection each: the kernel spreads them over workers
             assert httpx.get(f"{url}/v1/deals/d_nothing").status_code == 404
         text = httpx.get(f"{url}/metrics").text
-        line = next(x for x in text.splitlines()
-                    if x.startswith("flashsale_http_requests_total{")
-                    and 'route="/v1/deals/{deal_id}"' in x)  # fmt: skip
+        line = next(
+            x
+            for x in text.splitlines()
+            if x.startswith("flashsale_http_requests_total{") and 'route="/v1/deals/{deal_id}"' in x
+        )
         assert float(line.rsplit(" ", 1)[1]) == 60.0
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -40,8 +40,13 @@ def auth(role: str, sub: str) -> dict[str, str]:
 
 def new_deal(url: str, inventory: int) -> str:
     ends = (datetime.now(UTC) + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
-    body = {"title": "espresso", "lat": 12.97, "lng": 77.59, "inventory": inventory,
-            "ends_at": ends}  # fmt: skip
+    body = {
+        "title": "espresso",
+        "lat": 12.97,
+        "lng": 77.59,
+        "inventory": inventory,
+        "ends_at": ends,
+    }
     r = httpx.post(f"{url}/v1/deals", json=body, headers=auth("merchant", "m-1"), timeout=10)
     assert r.status_code == 201, r.text
     return r.json()["deal"]["id"]  # type: ignore[no-any-return]
@@ -112,9 +117,12 @@ def test_an_unknown_server_name_is_refused_with_a_message(tmp_path: Path) -> Non
     settings = Settings(redis_url="redis://127.0.0.1:1", auth_secret=SECRET, data_dir=tmp_path)
     done = subprocess.run(
         [sys.executable, "-m", "flashsale", "serve", "--port", str(free_port())],
-        env=serve_env(settings, FLASHSALE_SERVER="gunicorn"), cwd=ROOT,
-        capture_output=True, text=True, timeout=30,
-    )  # fmt: skip
+        env=serve_env(settings, FLASHSALE_SERVER="gunicorn"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert done.returncode == 2
     assert "FLASHSALE_SERVER must be one of uvicorn, granian" in done.stderr
 
@@ -134,11 +142,14 @@ def test_sigterm_finishes_the_request_in_flight_then_exits_cleanly(
     """A create-deal request half sent when SIGTERM arrives is still answered 201."""
     served = start_serve(node)
     ends = (datetime.now(UTC) + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
-    body = orjson.dumps({"title": "in flight", "lat": 1.0, "lng": 2.0, "inventory": 3,
-                         "ends_at": ends})  # fmt: skip
+    body = orjson.dumps(
+        {"title": "in flight", "lat": 1.0, "lng": 2.0, "inventory": 3, "ends_at": ends}
+    )
     token = mint(SECRET, "m-1", "merchant")
-    head = (f"POST /v1/deals HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")  # fmt: skip
+    head = (
+        f"POST /v1/deals HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
     with socket.create_connection(("127.0.0.1", served.port), timeout=15) as s:
         s.sendall(head.encode() + body[:10])
         time.sleep(0.5)  # the request is in the server's hands, its body incomplete
@@ -165,9 +176,11 @@ def test_two_workers_sum_their_metrics(start_serve: StartServe, node: Settings) 
     for _ in range(60):  # a new connection each: the kernel spreads them over workers
         assert httpx.get(f"{served.url}/v1/deals/d_nothing").status_code == 404
     text = httpx.get(f"{served.url}/metrics").text
-    line = next(x for x in text.splitlines()
-                if x.startswith("flashsale_http_requests_total{")
-                and 'route="/v1/deals/{deal_id}"' in x)  # fmt: skip
+    line = next(
+        x
+        for x in text.splitlines()
+        if x.startswith("flashsale_http_requests_total{") and 'route="/v1/deals/{deal_id}"' in x
+    )
     assert float(line.rsplit(" ", 1)[1]) == 60.0
 
 
@@ -217,13 +230,19 @@ def test_a_race_of_2000_callers_gets_exactly_the_inventory(
 
 MALFORMED = {
     "bad Content-Length": (
-        b"POST /v1/deals HTTP/1.1\r\nHost: x\r\nContent-Length: 12abc\r\n\r\n{}", 400),
+        b"POST /v1/deals HTTP/1.1\r\nHost: x\r\nContent-Length: 12abc\r\n\r\n{}",
+        400,
+    ),
     "16 KiB request line": (
-        b"GET /v1/deals/" + b"a" * 16384 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
-    "1 MiB header": (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (1 << 20)
-                     + b"\r\n\r\n", 431),
+        b"GET /v1/deals/" + b"a" * 16384 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+        414,
+    ),
+    "1 MiB header": (
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (1 << 20) + b"\r\n\r\n",
+        431,
+    ),
     "not HTTP": (b"HELLO THERE\r\n\r\n", 400),
-}  # fmt: skip
+}
 JSON_CODES = {400: "bad_request", 414: "uri_too_long", 431: "headers_too_large"}
 
 

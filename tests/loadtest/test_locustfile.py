@@ -35,17 +35,44 @@ def api_url(redis_url: str, tmp_path: Path) -> Iterator[str]:
 def _locust(url: str, *args: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "FLASHSALE_AUTH_SECRET": SECRET, "PYTHONPATH": str(ROOT)}
     return subprocess.run(
-        [str(LOCUST), "-f", str(ROOT / "loadtest" / "locustfile.py"), "--headless",
-         "--host", url, "--only-summary", "--loglevel", "INFO", *args],
-        capture_output=True, text=True, timeout=timeout_s, env=env, cwd=ROOT,
-    )  # fmt: skip
+        [
+            str(LOCUST),
+            "-f",
+            str(ROOT / "loadtest" / "locustfile.py"),
+            "--headless",
+            "--host",
+            url,
+            "--only-summary",
+            "--loglevel",
+            "INFO",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        env=env,
+        cwd=ROOT,
+    )
 
 
 def test_headless_run_of_every_scenario_exits_0_with_the_race_checked(api_url: str) -> None:
     """Racers, shoppers and merchants for a few seconds: the hot deal sells out exactly."""
-    done = _locust(api_url, "-u", "150", "-r", "150", "-t", "6s",
-                   "--race-inventory", str(RACE_INVENTORY), "--tokens", "300",
-                   "RaceUser", "ShopperUser", "MerchantUser")  # fmt: skip
+    done = _locust(
+        api_url,
+        "-u",
+        "150",
+        "-r",
+        "150",
+        "-t",
+        "6s",
+        "--race-inventory",
+        str(RACE_INVENTORY),
+        "--tokens",
+        "300",
+        "RaceUser",
+        "ShopperUser",
+        "MerchantUser",
+    )
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[:3000] + out[-1500:]
     assert "flashsale race check ok" in out, out[:3000] + out[-1500:]
@@ -55,8 +82,20 @@ def test_headless_run_of_every_scenario_exits_0_with_the_race_checked(api_url: s
 
 def test_headless_run_exits_1_when_the_race_check_fails(api_url: str) -> None:
     """Racing for a deal that does not exist fails the check, and so the exit code."""
-    done = _locust(api_url, "-u", "5", "-r", "5", "-t", "2s", "--race-deal", "d_nosuchdeal",
-                   "--tokens", "5", "RaceUser")  # fmt: skip
+    done = _locust(
+        api_url,
+        "-u",
+        "5",
+        "-r",
+        "5",
+        "-t",
+        "2s",
+        "--race-deal",
+        "d_nosuchdeal",
+        "--tokens",
+        "5",
+        "RaceUser",
+    )
     out = done.stdout + done.stderr
     assert done.returncode == 1, out[:3000] + out[-1500:]
     assert "flashsale race check FAILED" in out, out[:3000] + out[-1500:]

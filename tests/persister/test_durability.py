@@ -65,8 +65,9 @@ async def test_postgres_stopped_while_claims_go_on_then_every_voucher_lands(
     """PostgreSQL really stopped for seconds: claims answer 201/409 only; back: all land."""
     flush(redis_url, False)
     dsn = await fresh_database(own_postgres.url)
-    settings = Settings(redis_url=redis_url, database_url=dsn, partitions=4,
-                        data_dir=tmp_path, auth_secret=SECRET)  # fmt: skip
+    settings = Settings(
+        redis_url=redis_url, database_url=dsn, partitions=4, data_dir=tmp_path, auth_secret=SECRET
+    )
     store = await Store.connect(settings)
     persister = spawn_persister(settings, FLASHSALE_PERSISTER_NAME="p-pg")
     try:
@@ -110,8 +111,14 @@ async def test_small_stream_cap_refuses_claims_with_503_and_loses_nothing(
     """PostgreSQL down, cap 20: claims past the cap get 503; back up, every 201 lands."""
     flush(redis_url, False)
     dsn = await fresh_database(own_postgres.url)
-    settings = Settings(redis_url=redis_url, database_url=dsn, partitions=1, stream_cap=20,
-                        data_dir=tmp_path, auth_secret=SECRET)  # fmt: skip
+    settings = Settings(
+        redis_url=redis_url,
+        database_url=dsn,
+        partitions=1,
+        stream_cap=20,
+        data_dir=tmp_path,
+        auth_secret=SECRET,
+    )
     store = await Store.connect(settings)
     try:
         deal = await create_deal(store, new_deal(200))  # one entry in the stream
@@ -137,8 +144,13 @@ async def test_redis_killed_mid_run_in_aof_mode_loses_no_acknowledged_claim(
     own_redis: EmbeddedRedis, db_url: str, tmp_path: Path
 ) -> None:
     """SIGKILL Redis under a claim storm (aof mode): every acknowledged claim survives it."""
-    settings = Settings(redis_url=own_redis.url, database_url=db_url, partitions=4,
-                        durability="aof", data_dir=tmp_path)  # fmt: skip
+    settings = Settings(
+        redis_url=own_redis.url,
+        database_url=db_url,
+        partitions=4,
+        durability="aof",
+        data_dir=tmp_path,
+    )
     store = await Store.connect(settings)
     acked: dict[str, str] = {}
     try:
@@ -180,10 +192,18 @@ async def _stall_settings(pg: EmbeddedPostgres, redis_url: str, tmp_path: Path) 
     dead-letters an entry delivered twice: the setting in which holding a batch through an
     outage must not cost it its deliveries."""
     flush(redis_url, False)
-    return Settings(redis_url=redis_url, database_url=await fresh_database(pg.url),
-                    partitions=2, data_dir=tmp_path, auth_secret=SECRET, persister_batch=10,
-                    persister_block_ms=50, persister_claim_idle_s=1.0,
-                    persister_max_deliveries=1, persister_backoff_max_s=0.3)  # fmt: skip
+    return Settings(
+        redis_url=redis_url,
+        database_url=await fresh_database(pg.url),
+        partitions=2,
+        data_dir=tmp_path,
+        auth_secret=SECRET,
+        persister_batch=10,
+        persister_block_ms=50,
+        persister_claim_idle_s=1.0,
+        persister_max_deliveries=1,
+        persister_backoff_max_s=0.3,
+    )
 
 
 async def test_a_long_postgres_outage_never_dead_letters_what_the_persister_holds(

@@ -78,8 +78,17 @@ async def test_poisoned_entries_go_to_dead_letters_and_the_rest_lands(
     bad_seq = {"type": "claim", "deal": deal.id, "seq": "x", "voucher": "v", "user": "u", "at": "1"}
     await c.xadd(k.events, bad_seq)
     await c.xadd(k.events, {"type": "mystery", "deal": deal.id})
-    await c.xadd(k.events, {"type": "claim", "deal": deal.id, "seq": "999", "voucher": "vnul",
-                            "user": "bad\x00user", "at": "1700000000000"})  # fmt: skip
+    await c.xadd(
+        k.events,
+        {
+            "type": "claim",
+            "deal": deal.id,
+            "seq": "999",
+            "voucher": "vnul",
+            "user": "bad\x00user",
+            "at": "1700000000000",
+        },
+    )
     rest = await _claim_many(pstore, [deal.id], 10)
     async with running_persister(psettings):
         await wait_caught_up(pstore)
@@ -115,8 +124,13 @@ async def test_killed_after_commit_before_ack_writes_nothing_twice(
     commit lands and the XACK cannot. Redis is then SIGKILLed as well (resumed, it would
     run the XACKs waiting in its sockets) and restarted from its AOF.
     """
-    settings = Settings(redis_url=own_redis.url, database_url=db_url, partitions=4,
-                        data_dir=tmp_path, auth_secret=SECRET)  # fmt: skip
+    settings = Settings(
+        redis_url=own_redis.url,
+        database_url=db_url,
+        partitions=4,
+        data_dir=tmp_path,
+        auth_secret=SECRET,
+    )
     store = await Store.connect(settings)
     try:
         deal = await create_deal(store, new_deal(50))
@@ -220,8 +234,9 @@ async def test_a_dead_consumers_entries_are_reclaimed_by_another(
     await wait_insert_blocked(pg, "vouchers")  # read, not committed
     dead.kill()
     await vouchers_locked.release()
-    other = spawn_persister(psettings, FLASHSALE_PERSISTER_NAME="other",
-                            FLASHSALE_PERSISTER_CLAIM_IDLE_S="1")  # fmt: skip
+    other = spawn_persister(
+        psettings, FLASHSALE_PERSISTER_NAME="other", FLASHSALE_PERSISTER_CLAIM_IDLE_S="1"
+    )
     await wait_caught_up(pstore, 30)
     assert await _vouchers(pg) == issued
     assert "reclaimed 31 idle entries" in other.output()

@@ -35,9 +35,12 @@ def pw(chromium: Path) -> Iterator[Playwright]:
 def launch_till(pw: Playwright, profile: Path, **options: Any) -> BrowserContext:
     """A till: Chromium with a profile of its own (kept across a browser restart)."""
     context = pw.chromium.launch_persistent_context(
-        profile, executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True,
+        profile,
+        executable_path=str(CHROMIUM),
+        args=CHROMIUM_ARGS,
+        headless=True,
         **options,
-    )  # fmt: skip
+    )
     context.set_default_timeout(15_000)
     return context
 
@@ -170,15 +173,23 @@ def test_scan_reads_the_vouchers_qr_code_from_the_camera(
     png_to_y4m(png.content, video)
 
     browser = pw.chromium.launch(
-        executable_path=str(CHROMIUM), headless=True,
-        args=[*CHROMIUM_ARGS, "--use-fake-device-for-media-stream",
-              "--use-fake-ui-for-media-stream", f"--use-file-for-fake-video-capture={video}"],
-    )  # fmt: skip
+        executable_path=str(CHROMIUM),
+        headless=True,
+        args=[
+            *CHROMIUM_ARGS,
+            "--use-fake-device-for-media-stream",
+            "--use-fake-ui-for-media-stream",
+            f"--use-file-for-fake-video-capture={video}",
+        ],
+    )
     try:
         context = browser.new_context(
-            viewport=PHONE, device_scale_factor=2, is_mobile=True, has_touch=True,
+            viewport=PHONE,
+            device_scale_factor=2,
+            is_mobile=True,
+            has_touch=True,
             permissions=["camera"],
-        )  # fmt: skip
+        )
         context.set_default_timeout(15_000)
         page = open_till(context, api.url)
         set_up(page, merchant, "m-1")

@@ -48,7 +48,7 @@ def test_check_accepts_once_and_refuses_every_forgery_offline(
         "expired": (resign(token, key, exp=int(time.time()) - 5), "m-1"),
         "bad signature": (table["tampered payload"](), "m-1"),
         "unknown key": (table["unknown kid"](), "m-1"),
-    }  # fmt: skip
+    }
     for reason, (forged, merchant) in reasons.items():
         code, out = run(capsys, "check", forged, "--merchant", merchant, "--state", state)
         assert code == 1 and reason in out, (reason, out)
@@ -126,8 +126,9 @@ def test_a_state_shared_by_two_merchants_syncs_each_only_its_own_entries(
     assert run(capsys, "pull-keys", "--server", api.url, "--state", state)[0] == 0
     for i in range(2):  # interleaved, as two merchants sharing a counter would scan
         for m in merchants:
-            code, out = run(capsys, "check", vouchers[m][i]["token"], "--merchant", m,
-                            "--state", state)  # fmt: skip
+            code, out = run(
+                capsys, "check", vouchers[m][i]["token"], "--merchant", m, "--state", state
+            )
             assert code == 0, out
 
     def sync(m: str) -> dict[str, int]:
@@ -196,8 +197,13 @@ def test_the_flashsale_command_runs_the_verifier(
     env = {**os.environ, "HOME": str(tmp_path)}
 
     def cli(*argv: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "flashsale", "verifier", *argv],
-                              capture_output=True, text=True, env=env, timeout=60)  # fmt: skip
+        return subprocess.run(
+            [sys.executable, "-m", "flashsale", "verifier", *argv],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
 
     assert cli("pull-keys", "--server", api.url, "--state", state).returncode == 0
     ok = cli("check", vouchers[1]["token"], "--merchant", "m-1", "--state", state)
@@ -205,8 +211,9 @@ def test_the_flashsale_command_runs_the_verifier(
     again = cli("check", vouchers[1]["token"], "--merchant", "m-1", "--state", state)
     assert again.returncode == 1 and "already redeemed here" in again.stdout
     assert cli("check").returncode == 2
-    synced = cli("sync", "--server", api.url, "--token", api.token("merchant", "m-1"),
-                 "--state", state)  # fmt: skip
+    synced = cli(
+        "sync", "--server", api.url, "--token", api.token("merchant", "m-1"), "--state", state
+    )
     assert synced.returncode == 0 and "accepted: 1" in synced.stdout
 
 

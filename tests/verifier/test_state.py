@@ -47,8 +47,9 @@ def test_a_new_state_directory_is_0700_and_its_files_0600_wal_and_shm_included(
         assert set(modes(state).values()) == {0o600} and mode(state) == 0o700
         assert log.notice is None  # nothing to tighten: nothing said
         assert run(capsys, "pull-keys", "--server", api.url, "--state", str(state))[0] == 0
-        code, out = run(capsys, "check", vouchers[0]["token"], "--merchant", "m-1",
-                        "--state", str(state))  # fmt: skip
+        code, out = run(
+            capsys, "check", vouchers[0]["token"], "--merchant", "m-1", "--state", str(state)
+        )
         assert code == 0, out
         assert len(log.unsynced("m-1", 10)) == 1
         files = modes(state)
@@ -99,15 +100,24 @@ def test_a_log_left_readable_with_its_wal_is_made_private_and_keeps_working(
         assert before[f"{LOG_FILE}-wal"] == 0o644 and set(before.values()) == {0o644}
         assert (state / f"{LOG_FILE}-wal").stat().st_size > 0  # the entry is in the WAL
 
-        code, out = run(capsys, "check", vouchers[1]["token"], "--merchant", "m-1",
-                        "--state", str(state))  # fmt: skip
+        code, out = run(
+            capsys, "check", vouchers[1]["token"], "--merchant", "m-1", "--state", str(state)
+        )
         assert code == 0 and "mode 0755 -> 0700" in out, out
         assert mode(state) == 0o700
         after = modes(state)
         assert set(after) == set(before) and set(after.values()) == {0o600}, after
         # The earlier entry and the new one both sync.
-        code, out = run(capsys, "sync", "--server", api.url,
-                        "--token", api.token("merchant", "m-1"), "--state", str(state))  # fmt: skip
+        code, out = run(
+            capsys,
+            "sync",
+            "--server",
+            api.url,
+            "--token",
+            api.token("merchant", "m-1"),
+            "--state",
+            str(state),
+        )
         assert code == 0 and counts(out)["accepted"] == 2, out
     finally:
         old.close()

@@ -34,9 +34,16 @@ def signer(tmp_path: Path) -> VoucherSigner:
 def _table(signer: VoucherSigner) -> tuple[dict[str, Callable[[], str]], set[str]]:
     """Every forgery (and a few good tokens), and the names of those both must accept."""
     good = signer.sign(
-        Voucher("v0123456789abcdef.d_1", "d_1", "u-1", MERCHANT, 1,
-                (NOW_S - 60) * 1000, (NOW_S + 86_400) * 1000)
-    )  # fmt: skip
+        Voucher(
+            "v0123456789abcdef.d_1",
+            "d_1",
+            "u-1",
+            MERCHANT,
+            1,
+            (NOW_S - 60) * 1000,
+            (NOW_S + 86_400) * 1000,
+        )
+    )
     key = server_key(signer.keys_dir)
     caller = jwt.encode({"sub": MERCHANT, "role": "merchant", "exp": 2**31}, "s" * 32, "HS256")
     header, payload, _ = parts(good)

@@ -27,8 +27,9 @@ NOW_MS = int(time.time() * 1000)
 
 
 def a_voucher(user: str = "u-1", redeem_in_ms: int = MS_PER_DAY) -> Voucher:
-    return Voucher("v0123456789abcdef.d_1", "d_1", user, "m-1", 1,
-                   NOW_MS - 1000, NOW_MS + redeem_in_ms)  # fmt: skip
+    return Voucher(
+        "v0123456789abcdef.d_1", "d_1", user, "m-1", 1, NOW_MS - 1000, NOW_MS + redeem_in_ms
+    )
 
 
 def test_first_key_is_created_private_and_signs(tmp_path: Path) -> None:
@@ -40,8 +41,10 @@ def test_first_key_is_created_private_and_signs(tmp_path: Path) -> None:
     assert header == {"alg": "ES256", "kid": signer.kid, "typ": "vch+jwt"}
     verified = signer.verify(token, NOW_MS)
     assert (verified.voucher_id, verified.user_id, verified.merchant_id) == (
-        "v0123456789abcdef.d_1", "u-1", "m-1",
-    )  # fmt: skip
+        "v0123456789abcdef.d_1",
+        "u-1",
+        "m-1",
+    )
     assert b"PRIVATE" not in signer.ring.jwks_body and b'"d"' not in signer.ring.jwks_body
 
 
@@ -74,8 +77,9 @@ def test_rotation_signs_with_the_new_key_and_old_tokens_still_verify(tmp_path: P
     new_token = signer.sign(a_voucher("u-2"))
     assert jwt.get_unverified_header(new_token)["kid"] == new_kid
     assert {k["kid"] for k in orjson.loads(signer.ring.jwks_body)["keys"]} == {
-        old_kid, new_kid,
-    }  # fmt: skip
+        old_kid,
+        new_kid,
+    }
     for token in (old_token, new_token):
         assert signer.verify(token).kid in (old_kid, new_kid)
     # Another process sharing the directory agrees.
