@@ -33,8 +33,16 @@ DOWN: tuple[type[BaseException], ...] = (
     asyncpg.CannotConnectNowError,
     asyncpg.TooManyConnectionsError,
     asyncpg.InterfaceError,
+    # A connection whose protocol state broke (seen when PostgreSQL ended the session
+    # between two statements: "cannot switch to state 15"): unusable, not our data's fault.
+    asyncpg.InternalClientError,
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
+)
+# A connection that raised one of these is closed rather than handed back to the pool.
+BROKEN_CONNECTION: tuple[type[BaseException], ...] = (
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
 )
 # SQLSTATE classes meaning "PostgreSQL cannot serve this now, try later": 08 connection
 # exception, 53 insufficient resources (disk full, out of memory), 57 operator

@@ -15,7 +15,7 @@ from typing import Any
 
 import asyncpg
 
-from database.errors import DOWN, translated
+from database.errors import BROKEN_CONNECTION, DOWN, translated
 from engine.errors import DatabaseUnavailable
 
 # Pool.close() waits this long for connections in use, then terminates them.
@@ -69,6 +69,9 @@ class Database:
                 conn = await self._pool.acquire(timeout=self.timeout_s)
             try:
                 yield conn
+            except BROKEN_CONNECTION:
+                conn.terminate()  # its protocol state is unknown: the pool opens a new one
+                raise
             finally:
                 await self._pool.release(conn, timeout=self.timeout_s)
 
