@@ -57,14 +57,26 @@ async def _sweep_forever(d: Discovery, interval_s: float, jitter: float) -> None
             log.info("discovery sweep removed %d ended deals from the geo indexes", removed)
 
 
+async def _advance_forever(d: Discovery, interval_s: float) -> None:
+    """Scheduled deals whose start has come enter the geo indexes, ended ones leave, even
+    where nobody searches (searches do it too, a chunk at a time)."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await d.advance()
+        except StoreUnavailable:
+            log.warning("discovery timeline: Redis unavailable; will retry")
+
+
 @asynccontextmanager
 async def lifespan(svc: Services) -> AsyncIterator[None]:
-    """Sweep ended deals out of the geo indexes in the background."""
+    """Sweep ended deals out of the geo indexes, and move started ones in, in the background."""
     settings = svc.settings
     sweeping = _sweep_forever(
         svc.discovery, settings.discovery_sweep_interval_s, settings.discovery_sweep_jitter
     )
-    async with background(sweeping):
+    advancing = _advance_forever(svc.discovery, settings.discovery_advance_interval_s)
+    async with background(sweeping), background(advancing):
         yield
 
 

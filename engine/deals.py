@@ -177,7 +177,7 @@ async def create_deal(store: Store, new: NewDeal, deal_id: str | None = None) ->
     k = store.keys.for_deal(deal_id)
     outcome, _created = await store.run(
         "create_deal",
-        (k.deal, k.events, k.geo),
+        (k.deal, k.events, k.geo, k.geo_starts, k.geo_ends),
         (
             store.settings.stream_cap,
             deal_id,

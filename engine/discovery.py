@@ -1,28 +1,34 @@
-"""Discovery: active deals near a point, from the partition geo indexes, exact and live.
+"""Discovery: active deals near a point, from the partition geo indexes, exact and live,
+at a bounded cost whatever the point, radius, limit, area or the requests before it.
 
 How an answer is made:
 
-1. **Candidates** come from the geo indexes (one per partition, ``fs:{pNN}:geo``), searched
-   from the centre of the caller's quantized cell by ``search_geo`` (``GEOSEARCH ...
-   WITHCOORD`` in Lua: one call for every partition on one node, one per partition on a
-   cluster, all in the store's one round trip). The search is wide enough for any point
-   of the cell, so neighbours share one cached entry: ids, geo-index coordinates and
-   distances from the cell centre, never stock or status. An entry first covers only the
-   distance that should hold enough deals at the density seen last; it records how far
-   it is complete (``covered_km``) and is widened when a caller needs more.
-2. **Exact order** for the caller's own point: candidates are measured in order of
+1. **The index holds what can be claimed.** A deal enters its partition's geo index when
+   it starts and leaves when it ends, sells out or is cancelled: scheduled deals wait in a
+   sorted set by start time, and indexed ones are listed by end time, both moved on by
+   every search (``search_geo``, a bounded chunk) and by ``advance`` every second.
+2. **Candidates** for a quantized cell come from one ``search_geo`` call per partition,
+   from the cell's centre, far enough for any point of the cell, returning at most
+   ``first_count`` members (the nearest) per partition, at the widest radius whose
+   geohash boxes hold at most ``scan_budget`` members (counted first: ``engine.geohash``).
+   The entry is cached (bounded in bytes) with how far it is complete (``covered_km``).
+3. **Exact order** for the caller's own point: candidates are measured in order of
    distance from the centre until none left can beat the n-th nearest (triangle
    inequality), by Haversine with Earth radius 6371.0088 km.
-3. **Live state** of the nearest ``limit`` is read on every response (``read_deals``: one
-   Lua call, per partition on a cluster, returning ``left``, ``cancelled``, ``seq`` and
-   the deal's own Redis clock, as claims judge it); only ``active`` deals are kept, and
-   the exact distance is taken from the hash's coordinates (the geo index rounds them to
-   its 52-bit geohash, well under ``GEO_SLACK_KM``). A deal's fixed fields (title, place,
-   times, total) never change after creation: each process reads them once, with the
-   first live read, and keeps them with their JSON (``render``).
+4. **Live state** of the nearest ``limit`` is read on every response (``read_deals``,
+   ``left``, ``cancelled``, ``seq`` and the deal's own Redis clock, as claims judge it);
+   only ``active`` deals are kept, at the distance of the hash's own coordinates.
+5. **Bounded widening**: if the entry cannot settle the caller's answer, the cell is
+   searched once more with ``wide_count`` per partition (if the first search was cut by
+   its count), then once from the caller's own point; that third search's answer is final.
+   Past the bounds (``read_budget`` deal hashes, or a radius whose boxes hold more than
+   ``scan_budget`` members per partition) the answer keeps only what is certain: the
+   nearest deals, exact, up to the distance that was fully searched.
 
-Terminal deals (ended, cancelled, sold out) seen on the way leave the index at once;
-``sweep`` removes the ended ones nobody looked at, so the index does not grow.
+Work per request, at most (P partitions, defaults from ``Settings``):
+``search_geo`` calls 3 P; geo members returned P x (64 + 256 + 256); geo members scanned
+3 P x 1024 (each call at most 1024, about 0.3 ms of Redis); deal hashes read 512 for live
+state + 3 P x ``SEARCH_ADVANCE_CHUNK`` moving the timeline. ``Discovery.work`` counts them.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
+from engine import geohash
 from engine.deals import (
     ACTIVE,
     CANCELLED,
@@ -54,9 +61,8 @@ from engine.deals import (
     deal_status,
 )
 from engine.errors import StoreUnavailable
-from engine.keys import geo_key, geo_sweep_key
+from engine.keys import deal_key_prefix, geo_ends_key, geo_key, geo_starts_key, geo_sweep_key
 from engine.store import Store
-from engine.times import now_ms
 
 log = logging.getLogger(__name__)
 
@@ -67,23 +73,31 @@ REDIS_EARTH_RADIUS_KM = 6372.797560856  # what GEOSEARCH measures with
 # Geo-index coordinates are a 52-bit geohash cell's centre: at most ~0.35 m off the
 # deal's own. Every bound that mixes the two kinds of coordinates allows this much.
 GEO_SLACK_KM = 0.002
+# Distances in Redis's radius and in ours differ by a constant factor, to float error:
+# every radius handed to GEOSEARCH allows this much more, every coverage this much less.
+_FLOAT_KM = 1e-6
 _REDIS_SCALE = REDIS_EARTH_RADIUS_KM / EARTH_RADIUS_KM
 _DIAMETER_KM = 2 * EARTH_RADIUS_KM
-
-# GEOSEARCH's cost grows with the area it scans (about 0.4 ms per 6k-deal partition at
-# 5.8 km, 0.03 ms at 1 km), so an entry first covers only the distance that should hold
-# this many times ``limit`` deals at the density seen last; it is widened by this
-# factor (up to the full radius) when a caller needs more.
-_DENSITY_MARGIN = 2.0
-_WIDEN_FACTOR = 3.0
-CACHE_ENTRIES = 4_096  # entries kept per process (least recently used go first)
-# Deals whose fixed fields (title, place, times, total: never changed after creation) this
-# process remembers, so a response reads only ``left``, ``cancelled`` and ``seq`` live.
-FIXED_ENTRIES = 65_536
-SWEEP_CHUNK = 500  # members read per ZSCAN step
-# A deal is swept as ended only once this process's clock is this far past ``ends``:
-# the claim script judges by Redis's clock, and the sweep must never be early.
-SWEEP_CLOCK_MARGIN_MS = 10_000
+# A search's ladder offers at most this many radii per centre, each half the one before
+# (engine/geohash.py): the narrowest is under the widest / 2 ** 9.
+_MAX_RUNGS = 10
+# Scheduled deals moved into the index (each one deal hash read) and ended ones dropped
+# by each search_geo call, per partition; and by ``advance``, per call, with at most
+# ``ADVANCE_CALLS`` calls per partition per round.
+SEARCH_ADVANCE_CHUNK = 8
+ADVANCE_CHUNK = 256
+ADVANCE_CALLS = 8
+# An entry built while the timeline had a backlog (more due than one chunk) lives this
+# long at most, so that deals whose start has come still appear within the cache time.
+_BACKLOG_TTL_S = 1.0
+# What a cache entry costs, counted high: the entry with its four arrays, list, key and
+# LRU slot; then per candidate a list slot, four doubles and a slot in its ``dead`` set
+# (as if every candidate were dead), plus the id string (as if not shared).
+_ENTRY_BYTES = 1_024
+_CANDIDATE_BYTES = 8 + 4 * 8 + 64
+# A remembered deal's fixed part, over its strings: the object and its dict slot.
+_FIXED_BYTES = 400
+SWEEP_CHUNK = 500  # members read per ZSCAN step (one sweep_geo call each)
 _TERMINAL_LEFT = 0
 
 
@@ -125,6 +139,7 @@ class _Fixed:
     # ``Deal.to_json`` as bytes, cut around its live fields (see ``render``).
     json_head: bytes  # '{"id":...,"inventory_total":N,'
     json_mid: bytes  # '"starts_at":...,"redeem_until":"...",'
+    cost: int  # bytes it holds, counted high (``Discovery.fixed_bytes``)
 
     @classmethod
     def of(cls, deal: Deal, key: str) -> _Fixed:
@@ -134,10 +149,15 @@ class _Fixed:
         left, status = names.index("inventory_left"), names.index("status")
         head = orjson.dumps(dict(items[:left]))[:-1] + b","
         mid = orjson.dumps(dict(items[left + 1 : status]))[1:-1] + b","
+        merchant = sys.intern(deal.merchant_id)
+        cost = _FIXED_BYTES + sum(
+            sys.getsizeof(x)
+            for x in (deal.id, key, merchant, deal.title, deal.description, head, mid)
+        )
         return cls(
-            deal.id, key, sys.intern(deal.merchant_id), deal.title, deal.description,
+            deal.id, key, merchant, deal.title, deal.description,
             deal.lat, deal.lng, deal.inventory_total, deal.starts_at_ms, deal.ends_at_ms,
-            deal.redeem_until_ms, head, mid,
+            deal.redeem_until_ms, head, mid, cost,
         )  # fmt: skip
 
 
@@ -201,7 +221,7 @@ _Live = tuple[_Fixed, int, int, int | None, int]
 
 @dataclass(slots=True)
 class _Candidates:
-    """A cached candidate list for one cell: ids and where the index puts them, no state."""
+    """A candidate list around one centre: ids and where the index puts them, no state."""
 
     lat: float  # the search centre
     lng: float
@@ -214,8 +234,20 @@ class _Candidates:
     # Every indexed deal within this distance of the centre was in the index's answer.
     covered_km: float
     expires_at: float
+    count: int  # the COUNT each partition's search had
+    truncated: bool  # some partition returned COUNT members (more lay within the radius)
+    cost: int  # bytes, counted high (``Discovery.cache_bytes``)
     # Ids seen in a terminal state (ended, cancelled, sold out, gone): never read again.
     dead: set[str] = field(default_factory=set)
+
+
+class _Budget:
+    """Deal hashes one request may still read."""
+
+    __slots__ = ("left",)
+
+    def __init__(self, deals: int) -> None:
+        self.left = deals
 
 
 class _Nearest:
@@ -235,9 +267,10 @@ class _Nearest:
         self.rlng = math.radians(lng)
         self.coslat = math.cos(self.rlat)
 
-    def take(self, n: int, up_to_km: float, tail_km: float = 0.0) -> list[str]:
+    def take(self, n: int, up_to_km: float, tail_km: float = 0.0, cap: int = 1 << 30) -> list[str]:
         """Up to ``n`` next nearest ids at most ``up_to_km`` away, and after them any
-        within ``tail_km`` of the last (so a near tie is read now, not in another trip).
+        within ``tail_km`` of the last (so a near tie is read now, not in another trip),
+        ``cap`` in all at most.
 
         Candidates are measured in order of distance from the centre until none left
         unmeasured can beat the ``n``-th nearest measured (triangle inequality). Haversine
@@ -246,6 +279,7 @@ class _Nearest:
         ``sqrt`` run only when a bound moves: the same order as ``haversine_km`` to
         ~1e-12 km, far inside ``GEO_SLACK_KM``.
         """
+        n = min(n, cap)
         c, heap, count, start = self.c, self.heap, len(self.c.ids), self.i
         dist, rlats, rlngs, coslats = c.dist_km, c.rlats, c.rlngs, c.coslats
         ids, dead = c.ids, c.dead
@@ -287,9 +321,17 @@ class _Nearest:
             out.append(ids[k])
         if tail_km and len(out) == n:
             a_tail = min(a_up, _a_of(_km_of(last) + tail_km))
-            while heap and heap[0][0] <= a_tail:
+            while heap and heap[0][0] <= a_tail and len(out) < cap:
                 out.append(ids[pop(heap)[1]])
         return out
+
+    def frontier_km(self) -> float:
+        """No candidate not yet taken is nearer the caller than this (index coordinates)."""
+        c = self.c
+        near = _km_of(self.heap[0][0]) if self.heap else math.inf
+        if self.i < len(c.ids):
+            near = min(near, c.dist_km[self.i] - self.offset)
+        return near
 
 
 def _a_of(km: float) -> float:
@@ -301,6 +343,18 @@ def _km_of(a: float) -> float:
     return _DIAMETER_KM * math.asin(min(1.0, math.sqrt(a)))
 
 
+@dataclass(slots=True)
+class Work:
+    """What this ``Discovery`` has asked of Redis, for tests and metrics."""
+
+    searches: int = 0  # search_geo calls
+    geo_returned: int = 0  # geo members those searches returned
+    geo_scan_bound: int = 0  # members in the boxes they searched (>= members GEOSEARCH read)
+    deals_read: int = 0  # deal hashes read for live state (read_deals)
+    timeline_read: int = 0  # deal hashes read moving scheduled deals into the index
+    short_answers: int = 0  # answers cut to what was certain at a bound
+
+
 class Discovery:
     """Answers "active deals near here", with a per-process cache of candidate ids."""
 
@@ -310,25 +364,61 @@ class Discovery:
         *,
         cache_s: float | None = None,
         cell_deg: float | None = None,
-        cache_entries: int = CACHE_ENTRIES,
+        cache_bytes: int | None = None,
         clock: Callable[[], float] = time.monotonic,
+        first_count: int | None = None,
+        wide_count: int | None = None,
+        scan_budget: int | None = None,
+        read_budget: int | None = None,
     ) -> None:
+        s = store.settings
         self.store = store
-        self.cache_s = store.settings.discovery_cache_s if cache_s is None else cache_s
-        self.cell_deg = store.settings.discovery_cell_deg if cell_deg is None else cell_deg
-        self.cache_entries = cache_entries
+        self.cache_s = s.discovery_cache_s if cache_s is None else cache_s
+        self.cell_deg = s.discovery_cell_deg if cell_deg is None else cell_deg
+        self.cache_bytes = s.discovery_cache_bytes if cache_bytes is None else cache_bytes
+        self.first_count = s.discovery_first_count_members if first_count is None else first_count
+        self.wide_count = s.discovery_wide_count_members if wide_count is None else wide_count
+        self.scan_budget = s.discovery_scan_budget_members if scan_budget is None else scan_budget
+        self.read_budget = s.discovery_read_budget_deals if read_budget is None else read_budget
+        self.fixed_bytes = s.discovery_fixed_bytes
         self.clock = clock
         self._cache: OrderedDict[tuple[int, int, float, int], _Candidates] = OrderedDict()
+        self._cache_used = 0  # bytes, as the entries count themselves
         self._loading: dict[tuple[int, int, float, int], asyncio.Future[_Candidates]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._density = 0.0  # indexed deals per km2 around the last cell loaded
-        self._geo_keys = store.keys.all_geo()
-        self._cluster = store.settings.redis_cluster
+        self._cluster = s.redis_cluster
+        partitions = range(store.keys.partitions)
+        # Per partition: search_geo's keys, and the deal hash name prefix its ids take.
+        self._partitions = [
+            ((geo_key(p), geo_starts_key(p), geo_ends_key(p)), deal_key_prefix(p))
+            for p in partitions
+        ]
+        # Per latitude row of cells (and whether it is the last, maybe narrower, column).
         self._half_diag: dict[tuple[int, bool], float] = {}
         self._fixed: dict[str, _Fixed] = {}  # insertion-ordered: the oldest go first
-        self.fixed_entries = FIXED_ENTRIES
+        self._fixed_used = 0  # bytes
         self.hits = 0
         self.misses = 0
+        self.work = Work()
+
+    def bounds(self, centres: int = 1) -> dict[str, int]:
+        """The most one ``nearby`` call can ask of Redis, whatever the request.
+
+        Args:
+            centres: search centres per search: 1, but up to 6 within reach of the
+                antimeridian or the edges of the geo band (``_centres``).
+        """
+        p, rounds = len(self._partitions), 3
+        probes = math.ceil(math.log2(_MAX_RUNGS + 1))  # the binary search down a ladder
+        return {
+            "search_geo calls": rounds * p,
+            "GEOSEARCH calls": rounds * p * centres,
+            # per probe, a rung's boxes: 3 x 3, or 4 x 4 on the top edges (geohash.boxes)
+            "ZCOUNT calls": rounds * p * centres * probes * 16,
+            "geo members returned": p * centres * (self.first_count + 2 * self.wide_count),
+            "geo members scanned": rounds * p * centres * self.scan_budget,
+            "deal hashes read": self.read_budget + rounds * p * SEARCH_ADVANCE_CHUNK,
+        }
 
     # -- the query -------------------------------------------------------------
 
@@ -341,40 +431,54 @@ class Discovery:
         shared_limit = next(b for b in _LIMIT_STEPS if b >= limit)
         key, clat, clng, half_diag_km = self._cell(lat, lng, shared_km, shared_limit)
         full_km = shared_km + half_diag_km
-        entry = await self._entry(key, clat, clng, full_km, half_diag_km, shared_limit)
-        while True:
-            found = await self._answer(entry, lat, lng, radius_km, limit)
+        budget = _Budget(self.read_budget)
+        # 1. The cell's entry: at most first_count per partition, cached.
+        entry = await self._entry(key, clat, clng, full_km)
+        found = await self._answer(entry, lat, lng, radius_km, limit, budget, final=False)
+        if found is not None:
+            return found
+        if entry.truncated and entry.count < self.wide_count:
+            # 2. A crowded cell: search it again with wide_count per partition, for every
+            # caller in it.
+            entry = await self._load(clat, clng, full_km, self.wide_count, entry.dead)
+            self._remember(key, entry)
+            found = await self._answer(entry, lat, lng, radius_km, limit, budget, final=False)
             if found is not None:
                 return found
-            if entry.covered_km >= full_km:
-                break
-            # Too few candidates for this corner of the cell: widen the shared entry.
-            entry = await self._load(clat, clng, min(full_km, entry.covered_km * _WIDEN_FACTOR))
-            self._remember(key, entry)
-        # Still short (only if the cell geometry was misjudged): search from the caller.
-        entry = await self._load(lat, lng, radius_km)
-        found = await self._answer(entry, lat, lng, radius_km, limit)
-        assert found is not None, "a complete search from the caller always suffices"
+        # 3. From the caller's own point (no half-diagonal to cover); final.
+        entry = await self._load(lat, lng, radius_km, self.wide_count, entry.dead)
+        found = await self._answer(entry, lat, lng, radius_km, limit, budget, final=True)
+        assert found is not None
         return found
 
     async def _answer(
-        self, c: _Candidates, lat: float, lng: float, radius_km: float, limit: int
-    ) -> list[Nearby] | None:
-        """The answer from ``c``, or ``None`` if ``c`` might miss a nearer active deal."""
+        self, c: _Candidates, lat: float, lng: float, radius_km: float, limit: int,
+        budget: _Budget, *, final: bool,
+    ) -> list[Nearby] | None:  # fmt: skip
+        """The answer from ``c``, or ``None`` if ``c`` might miss a nearer active deal.
+
+        ``final``, or with the read budget spent: the answer, cut to what is certain.
+        """
         walk = _Nearest(c, lat, lng, radius_km + GEO_SLACK_KM)
         found: list[tuple[float, str, Nearby]] = []
         threshold = radius_km  # a deal farther than this cannot be in the answer
         first = True
+        spent = False
         while True:
-            # Most candidates are active (terminal ones leave the entry when first seen):
-            # read exactly ``limit`` first, and twice what is missing after that.
+            # Most candidates are active (the index holds claimable deals only, but for
+            # those that ended since): read exactly ``limit`` first, then twice what is
+            # missing.
             want = limit if first else max(limit - len(found), 4) * 2
             first = False
+            if budget.left <= 0:
+                spent = True
+                break
             # Index coordinates are up to GEO_SLACK_KM off: a candidate that close behind
             # the last one taken may still be nearer in truth, so it is read as well.
-            ids = walk.take(want, threshold + GEO_SLACK_KM, 2 * GEO_SLACK_KM)
+            ids = walk.take(want, threshold + GEO_SLACK_KM, 2 * GEO_SLACK_KM, budget.left)
             if not ids:
                 break
+            budget.left -= len(ids)
             for deal_id, live in zip(ids, await self._read(ids), strict=True):
                 status = None
                 if live is not None:
@@ -392,11 +496,18 @@ class Discovery:
                 found.sort(key=_by_distance)
                 del found[limit:]
                 threshold = found[-1][0]
-        # Deals the index did not return are beyond ``covered_km`` from the centre.
-        if c.covered_km - walk.offset - GEO_SLACK_KM < threshold:
-            return None
+        # Every deal truly nearer the caller than this was among the candidates (deals
+        # the index did not return lie beyond ``covered_km`` from the centre)...
+        sure_km = c.covered_km - walk.offset - GEO_SLACK_KM
+        if spent:  # ... and was read, or is farther than every candidate not read
+            sure_km = min(sure_km, walk.frontier_km() - GEO_SLACK_KM)
         found.sort(key=_by_distance)
-        return [n for _, _, n in found[:limit]]
+        if sure_km >= threshold:
+            return [n for _, _, n in found[:limit]]
+        if not final and not spent:
+            return None
+        self.work.short_answers += 1
+        return [n for d, _, n in found[:limit] if d <= sure_km]
 
     async def _read(self, ids: list[str]) -> list[_Live | None]:
         """Live deals (``None`` for gone ones), judged by their own Redis node's clock.
@@ -405,6 +516,7 @@ class Discovery:
         script's keys share a hash slot there), all in one round trip. A deal's fixed
         fields are read only the first time this process meets it.
         """
+        self.work.deals_read += len(ids)
         keys, fixed = self.store.keys, self._fixed
         known = [fixed.get(deal_id) for deal_id in ids]
         groups: list[list[int]]
@@ -449,9 +561,14 @@ class Discovery:
     def _learn(self, deal_id: str, key: str, values: list[Any], now: int) -> _Fixed:
         """Remember a deal's fixed part, from its ``read_deals`` values (live, then fixed)."""
         h = {name: v for name, v in zip(_READ_ALL, values, strict=True) if v is not None}
-        known = self._fixed[deal_id] = _Fixed.of(Deal.from_hash(deal_id, h, now), key)
-        if len(self._fixed) > self.fixed_entries:
-            del self._fixed[next(iter(self._fixed))]
+        known = _Fixed.of(Deal.from_hash(deal_id, h, now), key)
+        old = self._fixed.pop(deal_id, None)
+        if old is not None:
+            self._fixed_used -= old.cost
+        self._fixed[deal_id] = known
+        self._fixed_used += known.cost
+        while self._fixed_used > self.fixed_bytes and self._fixed:
+            self._fixed_used -= self._fixed.pop(next(iter(self._fixed))).cost
         return known
 
     # -- candidates and the cache ---------------------------------------------
@@ -478,9 +595,8 @@ class Discovery:
         return (y, x, radius_km, limit), clat, clng, half
 
     async def _entry(
-        self, key: tuple[int, int, float, int], clat: float, clng: float, full_km: float,
-        half_diag_km: float, limit: int,
-    ) -> _Candidates:  # fmt: skip
+        self, key: tuple[int, int, float, int], clat: float, clng: float, full_km: float
+    ) -> _Candidates:
         now = self.clock()
         entry = self._cache.get(key)
         if entry is not None and entry.expires_at > now:
@@ -491,15 +607,10 @@ class Discovery:
         loading = self._loading.get(key)
         if loading is not None:  # a neighbour is fetching this cell right now
             return await asyncio.shield(loading)
-        reach_km = full_km
-        if self._density > 0:
-            # The nearest ``limit`` from anywhere in the cell, at the density seen last.
-            wanted = _DENSITY_MARGIN * (limit + 2)
-            reach_km = min(full_km, math.sqrt(wanted / (math.pi * self._density)) + half_diag_km)
         future: asyncio.Future[_Candidates] = asyncio.get_running_loop().create_future()
         self._loading[key] = future
         try:
-            entry = await self._load(clat, clng, reach_km)
+            entry = await self._load(clat, clng, full_km, self.first_count, set())
         except BaseException as exc:
             future.set_exception(exc)
             future.exception()  # retrieved: waiters re-raise it, nobody else must
@@ -511,56 +622,123 @@ class Discovery:
         return entry
 
     def _remember(self, key: tuple[int, int, float, int], entry: _Candidates) -> None:
-        if self.cache_s <= 0:
+        if self.cache_s <= 0 or entry.cost > self.cache_bytes:
             return
+        old = self._cache.pop(key, None)
+        if old is not None:
+            self._cache_used -= old.cost
         self._cache[key] = entry
-        self._cache.move_to_end(key)
-        while len(self._cache) > self.cache_entries:
-            self._cache.popitem(last=False)
+        self._cache_used += entry.cost
+        while self._cache_used > self.cache_bytes:
+            self._cache_used -= self._cache.popitem(last=False)[1].cost
 
-    async def _load(self, lat: float, lng: float, reach_km: float) -> _Candidates:
-        """Every indexed deal within ``reach_km`` of the point, nearest first."""
-        args: list[str] = []
-        for c_lat, c_lng, c_km in _centres(lat, lng, reach_km + 2 * GEO_SLACK_KM):
-            args += (repr(c_lng), repr(c_lat), repr(c_km * _REDIS_SCALE + GEO_SLACK_KM))
-        # One ``search_geo`` in all on one node; one per partition on a cluster (a
-        # script's keys share a hash slot there), all in one round trip.
-        if self._cluster:
-            replies = await asyncio.gather(
-                *(self.store.run("search_geo", (key,), args) for key in self._geo_keys)
+    @property
+    def cache_used_bytes(self) -> int:
+        """What the cached entries hold, counted high; never above ``cache_bytes``."""
+        return self._cache_used
+
+    @property
+    def fixed_used_bytes(self) -> int:
+        """What the remembered fixed parts hold; never above ``fixed_bytes``."""
+        return self._fixed_used
+
+    async def _load(
+        self, lat: float, lng: float, reach_km: float, count: int, dead: set[str]
+    ) -> _Candidates:
+        """The indexed deals nearest the point, up to ``reach_km``, within the bounds.
+
+        One ``search_geo`` call per partition (all in one round trip): at most ``count``
+        members each, at a radius whose boxes hold at most ``scan_budget`` members. The
+        entry records how far it is complete.
+        """
+        centres = _centres(lat, lng, reach_km + 2 * GEO_SLACK_KM)
+        spec: list[str] = []
+        ladders: list[list[float]] = []  # per centre, its rungs' radii in our km
+        for c_lat, c_lng, c_km in centres:
+            rungs = geohash.ladder(c_lng, c_lat, (c_km + 2 * _FLOAT_KM) * _REDIS_SCALE, _MAX_RUNGS)
+            ladders.append([r.radius_km / _REDIS_SCALE - _FLOAT_KM for r in rungs])
+            spec.append(
+                f"{c_lng!r} {c_lat!r}/"
+                + "/".join(
+                    f"{r.radius_km!r} " + " ".join(f"{lo} {hi}" for lo, hi in r.ranges)
+                    for r in rungs
+                )
             )
-        else:
-            replies = [await self.store.run("search_geo", self._geo_keys, args)]
+        args_tail = (SEARCH_ADVANCE_CHUNK, count, self.scan_budget, ";".join(spec))
+        replies = await asyncio.gather(
+            *(
+                self.store.run("search_geo", keys, (prefix, *args_tail))
+                for keys, prefix in self._partitions
+            )
+        )
+        # Every deal within ``covered`` of the main centre is in: per partition and centre,
+        # the radius searched, or just short of the farthest returned if COUNT cut it;
+        # an extra centre (``_centres``) stands that much farther out.
+        covered = reach_km + 2 * GEO_SLACK_KM
+        truncated = backlog = False
         rows: list[tuple[float, str, float, float, float]] = []
         seen: set[str] = set()
         # Haversine inlined as in ``_Nearest.take`` (the same formula to ~1e-12 km).
         c_rlat, c_rlng = math.radians(lat), math.radians(lng)
         c_cos, sin, cos, radians = math.cos(c_rlat), math.sin, math.cos, math.radians
+        work = self.work
+        work.searches += len(replies)
         for reply in replies:
-            for k in range(0, len(reply), 3):
-                member = reply[k]
-                if member not in seen:
-                    seen.add(member)
-                    rlng, rlat = radians(float(reply[k + 1])), radians(float(reply[k + 2]))
-                    m_cos = cos(rlat)
-                    s_lat, s_lng = sin((rlat - c_rlat) * 0.5), sin((rlng - c_rlng) * 0.5)
-                    a = s_lat * s_lat + c_cos * m_cos * s_lng * s_lng
-                    rows.append((_km_of(a), member, rlat, rlng, m_cos))
+            backlog = backlog or bool(reply[1])
+            work.timeline_read += int(reply[2])
+            pos = 3
+            for (e_lat, e_lng, e_km), ladder in zip(centres, ladders, strict=True):
+                rung, in_boxes, n = int(reply[pos]), int(reply[pos + 1]), int(reply[pos + 2])
+                pos += 3
+                extra_km = e_km - centres[0][2]
+                if rung == 0:
+                    covered = 0.0
+                else:
+                    work.geo_scan_bound += in_boxes
+                    work.geo_returned += n
+                    reach = ladder[rung - 1]
+                    if n >= count:  # cut by COUNT: complete to just short of the last
+                        truncated = True
+                        last = pos + 3 * (n - 1)
+                        reach = min(
+                            reach,
+                            haversine_km(
+                                e_lat, e_lng, float(reply[last + 2]), float(reply[last + 1])
+                            )
+                            - _FLOAT_KM,
+                        )
+                    covered = min(covered, reach - extra_km)
+                for k in range(pos, pos + 3 * n, 3):
+                    member = reply[k]
+                    if member not in seen:
+                        seen.add(member)
+                        rlng, rlat = radians(float(reply[k + 1])), radians(float(reply[k + 2]))
+                        m_cos = cos(rlat)
+                        s_lat, s_lng = sin((rlat - c_rlat) * 0.5), sin((rlng - c_rlng) * 0.5)
+                        a = s_lat * s_lat + c_cos * m_cos * s_lng * s_lng
+                        rows.append((_km_of(a), member, rlat, rlng, m_cos))
+                pos += 3 * n
         rows.sort()
-        self._density = len(rows) / (math.pi * reach_km**2)
+        ids = [sys.intern(r[1]) for r in rows]
+        cost = _ENTRY_BYTES + len(ids) * _CANDIDATE_BYTES + sum(map(sys.getsizeof, ids))
+        ttl = self.cache_s if not backlog else min(self.cache_s, _BACKLOG_TTL_S)
         return _Candidates(
             lat=lat,
             lng=lng,
-            ids=[sys.intern(r[1]) for r in rows],
+            ids=ids,
             dist_km=array("d", [r[0] for r in rows]),
             rlats=array("d", [r[2] for r in rows]),
             rlngs=array("d", [r[3] for r in rows]),
             coslats=array("d", [r[4] for r in rows]),
-            covered_km=reach_km + 2 * GEO_SLACK_KM,
-            expires_at=self.clock() + self.cache_s,
+            covered_km=max(0.0, covered),
+            expires_at=self.clock() + ttl,
+            count=count,
+            truncated=truncated,
+            cost=cost,
+            dead=dead & seen,
         )
 
-    # -- keeping the index small ------------------------------------------------
+    # -- keeping the index to what can be claimed -------------------------------
 
     def _forget(self, deal_id: str) -> None:
         """Drop a deal seen in a terminal state from its index, in the background."""
@@ -569,18 +747,44 @@ class Discovery:
         task.add_done_callback(self._tasks.discard)
 
     async def _zrem(self, deal_id: str) -> None:
-        with contextlib.suppress(StoreUnavailable):  # the sweep will get it
+        with contextlib.suppress(StoreUnavailable):  # the timeline or the sweep will get it
             await self.store.zrem(self.store.keys.for_deal(deal_id).geo, deal_id)
 
+    async def advance(self) -> int:
+        """Move every partition's timeline on: scheduled deals whose start has come enter
+        the geo index, ended ones leave (``search_geo`` does it too, a chunk per search).
+
+        At most ``ADVANCE_CALLS`` calls of ``ADVANCE_CHUNK`` due deals per partition.
+
+        Returns:
+            How many scheduled deals were read (moved in, or dropped if no longer
+            claimable).
+        """
+
+        async def one(keys: tuple[str, str, str], prefix: str) -> int:
+            read = 0
+            for _ in range(ADVANCE_CALLS):
+                _now, backlog, n = await self.store.run(
+                    "search_geo", keys, (prefix, ADVANCE_CHUNK, 0, 0, "")
+                )
+                read += int(n)
+                if not int(backlog):
+                    break
+            return read
+
+        return sum(await asyncio.gather(*(one(keys, prefix) for keys, prefix in self._partitions)))
+
     async def sweep(self, *, lease_ms: int = 0) -> int:
-        """Remove ended, cancelled, sold-out and vanished deals from every geo index.
+        """Check every geo index member against its deal: remove ended, cancelled,
+        sold-out and vanished deals; move scheduled ones (from an older index, or a
+        rebuild from PostgreSQL) out to wait for their start; list the rest by end.
 
         Args:
             lease_ms: if set, sweep a partition only if no other process has in the last
                 ``lease_ms`` (a ``SET NX PX`` lease), so N API processes do the work once.
 
         Returns:
-            How many index entries were removed.
+            How many index entries were removed or moved out.
         """
         removed = 0
         for p in range(self.store.keys.partitions):
@@ -588,36 +792,18 @@ class Discovery:
         return removed
 
     async def _sweep_partition(self, partition: int, lease_ms: int) -> int:
-        store, geo = self.store, geo_key(partition)
-        removed = 0
-        lease = geo_sweep_key(partition)
-        if lease_ms and not await store.set_if_absent(lease, "1", ttl_ms=lease_ms):
+        store = self.store
+        keys, prefix = self._partitions[partition]
+        if lease_ms and not await store.set_if_absent(
+            geo_sweep_key(partition), "1", ttl_ms=lease_ms
+        ):
             return 0
-        cursor = 0
+        removed = cursor = 0
         while True:
-            cursor, ids = await store.zscan(geo, cursor, count=SWEEP_CHUNK)
+            cursor, ids = await store.zscan(keys[0], cursor, count=SWEEP_CHUNK)
             if ids:
-                pipe = store.pipeline()
-                for deal_id in ids:
-                    pipe.hmget(
-                        store.keys.for_deal(deal_id).deal,
-                        DealHash.ENDS,
-                        DealHash.LEFT,
-                        DealHash.CANCELLED,
-                    )
-                states = await pipe.execute()
-                cutoff = now_ms() - SWEEP_CLOCK_MARGIN_MS
-                dead = [
-                    deal_id
-                    for deal_id, (ends, left, cancelled) in zip(ids, states, strict=True)
-                    if ends is None
-                    or left is None
-                    or cancelled
-                    or int(ends) <= cutoff
-                    or int(left) <= _TERMINAL_LEFT
-                ]
-                if dead:
-                    removed += await store.zrem(geo, *dead)
+                gone, moved = await store.run("sweep_geo", keys, (prefix, *ids))
+                removed += int(gone) + int(moved)
             if cursor == 0:
                 return removed
 

@@ -27,6 +27,8 @@ class DealKeys:
     redemptions: str
     events: str
     geo: str
+    geo_starts: str
+    geo_ends: str
 
 
 def tag(partition: int) -> str:
@@ -47,6 +49,24 @@ def consumer_lease_key(name: str) -> str:
 def geo_key(partition: int) -> str:
     """The partition's geo index of deals that may still be claimable."""
     return f"{PREFIX}:{tag(partition)}:geo"
+
+
+def geo_starts_key(partition: int) -> str:
+    """The partition's scheduled deals (member: deal id, score: starts ms), kept out of
+    the geo index until they start."""
+    return f"{PREFIX}:{tag(partition)}:geo:starts"
+
+
+def geo_ends_key(partition: int) -> str:
+    """The partition's indexed deals by end (member: deal id, score: ends ms), so that
+    each leaves the geo index when it ends."""
+    return f"{PREFIX}:{tag(partition)}:geo:ends"
+
+
+def deal_key_prefix(partition: int) -> str:
+    """What a deal hash's name starts with (the deal id follows): scripts that meet
+    deal ids in an index build the hash's name from it."""
+    return f"{PREFIX}:{tag(partition)}:deal:"
 
 
 def geo_sweep_key(partition: int) -> str:
@@ -71,12 +91,14 @@ class KeySpace:
         base = f"{PREFIX}:{tag(p)}"
         return DealKeys(
             partition=p,
-            deal=f"{base}:deal:{deal_id}",
+            deal=f"{deal_key_prefix(p)}{deal_id}",
             claimers=f"{base}:claimers:{deal_id}",
             vouchers=f"{base}:vouchers:{deal_id}",
             redemptions=f"{base}:redeemed:{deal_id}",
             events=f"{base}:events",
-            geo=f"{base}:geo",
+            geo=geo_key(p),
+            geo_starts=geo_starts_key(p),
+            geo_ends=geo_ends_key(p),
         )
 
     def all_events(self) -> list[str]:

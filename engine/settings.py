@@ -96,6 +96,22 @@ class Settings:
     # fraction so that processes spread apart.
     discovery_sweep_interval_s: float = 60.0
     discovery_sweep_jitter: float = 0.2
+    # Discovery's bounds per request (engine/discovery.py adds them up). A search of one
+    # partition's geo index returns at most this many members (the nearest) the first
+    # time, and this many when a crowded cell is searched again or from the caller:
+    discovery_first_count_members: int = 64
+    discovery_wide_count_members: int = 256
+    # ...and runs only at a radius whose geohash boxes hold at most this many members
+    # (GEOSEARCH reads every member of its boxes, whatever COUNT says; ~0.26 us each).
+    discovery_scan_budget_members: int = 1024
+    # Deal hashes one request reads for live state, at most.
+    discovery_read_budget_deals: int = 512
+    # Memory of each API process's discovery caches (candidate lists; deals' fixed fields).
+    discovery_cache_bytes: int = 32 * 1024 * 1024
+    discovery_fixed_bytes: int = 32 * 1024 * 1024
+    # Scheduled deals whose start has come enter the geo indexes (and ended ones leave)
+    # at every search, and at least this often in each API process.
+    discovery_advance_interval_s: float = 1.0
     token_cache_size: int = 100_000
     # How far a till's clock may drift, either way, before a synced redemption time is
     # implausible: later than Redis's now + this, or earlier than the claim - this.

@@ -66,6 +66,7 @@ SCRIPT_NAMES = (
     "redeem_voucher",
     "read_deals",
     "search_geo",
+    "sweep_geo",
     "renew_lease",
     "release_lease",
     "limit_rate",

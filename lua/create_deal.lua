@@ -1,8 +1,15 @@
 -- create_deal: store a new deal, index it for discovery, and log it for the persister.
 --
+-- A deal that has started (by Redis's clock) enters the geo index, and the ends index so
+-- that it leaves when it ends; a scheduled one waits in the starts index instead, out of
+-- every search, until discovery moves it (lua/search_geo.lua); one already ended is
+-- indexed nowhere.
+--
 -- KEYS[1]  deal hash            fs:{pNN}:deal:<id>
 -- KEYS[2]  partition stream     fs:{pNN}:events
 -- KEYS[3]  partition geo index  fs:{pNN}:geo
+-- KEYS[4]  scheduled deals      fs:{pNN}:geo:starts   (deal id by starts ms)
+-- KEYS[5]  indexed deals' ends  fs:{pNN}:geo:ends     (deal id by ends ms)
 -- ARGV[1]  stream cap (entries)
 -- ARGV[2]  deal id      ARGV[3] merchant id   ARGV[4] title   ARGV[5] description
 -- ARGV[6]  lat          ARGV[7] lng           ARGV[8] inventory total
@@ -21,7 +28,12 @@ redis.call('HSET', KEYS[1],
   'merchant', ARGV[3], 'title', ARGV[4], 'desc', ARGV[5],
   'lat', ARGV[6], 'lng', ARGV[7], 'total', ARGV[8], 'left', ARGV[8], 'seq', 0,
   'starts', ARGV[9], 'ends', ARGV[10], 'redeem', ARGV[11], 'created', now)
-redis.call('GEOADD', KEYS[3], ARGV[7], ARGV[6], ARGV[2])
+if tonumber(ARGV[9]) > now then
+  redis.call('ZADD', KEYS[4], ARGV[9], ARGV[2])
+elseif tonumber(ARGV[10]) > now then
+  redis.call('GEOADD', KEYS[3], ARGV[7], ARGV[6], ARGV[2])
+  redis.call('ZADD', KEYS[5], ARGV[10], ARGV[2])
+end
 redis.call('XADD', KEYS[2], '*',
   'type', 'deal', 'deal', ARGV[2], 'merchant', ARGV[3], 'title', ARGV[4], 'desc', ARGV[5],
   'lat', ARGV[6], 'lng', ARGV[7], 'total', ARGV[8],

@@ -10,6 +10,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import math
+import random
+import sys
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -39,7 +42,9 @@ STATES = (
     "cancelled",  # cancelled: the cancel script drops it from the index
     "stale_sold_out",  # stock gone but still indexed: only the live filter stands in the way
     "stale_cancelled",
+    "starting",  # scheduled to start START_SOON_MS after it is created: during the test
 )
+START_SOON_MS = 1_500
 # Places where geometry goes wrong: a city, the antimeridian (both sides), the edges of
 # the band a geo index holds, the antimeridian at the edge of the band.
 CENTRES = [
@@ -79,13 +84,18 @@ def clamp_lat(lat: float) -> float:
 
 
 def brute_force(
-    world: list[Placed], lat: float, lng: float, radius_km: float, limit: int
+    world: list[Placed],
+    lat: float,
+    lng: float,
+    radius_km: float,
+    limit: int,
+    active: tuple[str, ...] = ("active",),
 ) -> list[tuple[str, float]]:
     """The reference answer: every active deal by Haversine, nearest first, cut at limit."""
     hits = sorted(
         (haversine_km(lat, lng, p.lat, p.lng), p.id)
         for p in world
-        if p.state == "active" and haversine_km(lat, lng, p.lat, p.lng) <= radius_km
+        if p.state in active and haversine_km(lat, lng, p.lat, p.lng) <= radius_km
     )
     return [(i, d) for d, i in hits[:limit]]
 
@@ -94,6 +104,8 @@ async def place(store: Store, lat: float, lng: float, state: str, inventory: int
     """Create a deal at a point and bring it into ``state``."""
     if state == "scheduled":
         spec = new_deal(inventory, lat=lat, lng=lng, starts_in_ms=HOUR_MS)
+    elif state == "starting":
+        spec = new_deal(inventory, lat=lat, lng=lng, starts_in_ms=START_SOON_MS)
     elif state == "ended":
         spec = new_deal(inventory, lat=lat, lng=lng, starts_in_ms=-2 * HOUR_MS)
     else:
@@ -110,6 +122,16 @@ async def place(store: Store, lat: float, lng: float, state: str, inventory: int
     elif state == "stale_cancelled":
         await store.client.hset(k.deal, "cancelled", now_ms())
     return deal.id
+
+
+async def wait_until(store: Store, ms: int) -> None:
+    """Until Redis's clock (the one the scripts judge by) has passed ``ms``."""
+    for _ in range(100):
+        now = await store.server_time_ms()
+        if now > ms:
+            return
+        await asyncio.sleep((ms - now + 10) / 1000)
+    raise AssertionError(f"Redis's clock did not pass {ms}")
 
 
 def ids_and_distances(found: list[Nearby]) -> list[tuple[str, float]]:
@@ -172,10 +194,11 @@ world_strategy = st.tuples(
         min_size=1,
         max_size=4,
     ),
+    st.booleans(),  # ask again once the "starting" deals have started
 )
 
 
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(150)
 @hsettings(
     max_examples=30,
     deadline=None,
@@ -185,31 +208,42 @@ world_strategy = st.tuples(
 def test_answers_match_brute_force_haversine_over_active_deals(
     settings: Settings, world: tuple[Any, ...]
 ) -> None:
-    """Same deals, nearest first, within the radius, limit respected; cached or not."""
-    (clat, clng), deals, queries = world
+    """Same deals, nearest first, within the radius, limit respected; cached or not; and
+    deals that start during the test appear once started."""
+    (clat, clng), deals, queries, later = world
+
+    async def ask(store: Store, placed: list[Placed], active: tuple[str, ...]) -> None:
+        cached = Discovery(store)
+        uncached = Discovery(store, cache_s=0)
+        for qdlat, qdlng, radius, limit in queries:
+            lat, lng = clamp_lat(clat + qdlat), wrap_lng(clng + qdlng)
+            want = brute_force(placed, lat, lng, radius, limit, active)
+            for d in (cached, uncached, cached):  # the second `cached` is a hit
+                found = await d.nearby(lat, lng, radius, limit)
+                assert_well_formed(found, radius, limit)
+                assert ids_and_distances(found) == want, (
+                    f"{d.cache_s=} {lat=} {lng=} {radius=} {limit=} {placed=}"
+                )
+        assert cached.hits >= len(queries)
+        assert cached.work.short_answers == uncached.work.short_answers == 0
+        await cached.close()
+        await uncached.close()
 
     async def scenario() -> None:
         flush(settings.redis_url or "", settings.redis_cluster)
         store = await Store.connect(settings)
         try:
             placed = []
-            for dlat, dlng, state in deals:
+            # Deals that start during the test last, so they are still scheduled at first.
+            for dlat, dlng, state in sorted(deals, key=lambda d: d[2] == "starting"):
                 lat, lng = clamp_lat(clat + dlat), wrap_lng(clng + dlng)
                 placed.append(Placed(await place(store, lat, lng, state), lat, lng, state))
-            cached = Discovery(store)
-            uncached = Discovery(store, cache_s=0)
-            for qdlat, qdlng, radius, limit in queries:
-                lat, lng = clamp_lat(clat + qdlat), wrap_lng(clng + qdlng)
-                want = brute_force(placed, lat, lng, radius, limit)
-                for d in (cached, uncached, cached):  # the second `cached` is a hit
-                    found = await d.nearby(lat, lng, radius, limit)
-                    assert_well_formed(found, radius, limit)
-                    assert ids_and_distances(found) == want, (
-                        f"{d.cache_s=} {lat=} {lng=} {radius=} {limit=} {placed=}"
-                    )
-            assert cached.hits >= len(queries)
-            await cached.close()
-            await uncached.close()
+            await ask(store, placed, ("active",))
+            starting = [p for p in placed if p.state == "starting"]
+            if later and starting:
+                starts = max([(await get_deal(store, p.id)).starts_at_ms for p in starting])
+                await wait_until(store, starts)
+                await ask(store, placed, ("active", "starting"))
         finally:
             await store.close()
 
@@ -383,10 +417,15 @@ async def test_a_deal_whose_hash_vanished_is_not_shown_though_its_fixed_part_is_
     lat, lng = 35.6762, 139.6503
     gone = await place(store, lat, lng, "active")
     kept = await place(store, lat + 0.001, lng, "active")
+    probe = discover()
+    await probe.nearby(lat, lng, 1.0, 5)
     d = discover()
-    d.fixed_entries = 1  # bounded: the older one is forgotten and read in full again
+    # Bounded in bytes: room for one deal's fixed part, so the older one is forgotten and
+    # read in full again.
+    d.fixed_bytes = max(f.cost for f in probe._fixed.values())
     assert [n.deal.id for n in await d.nearby(lat, lng, 1.0, 5)] == [gone, kept]
     assert len(d._fixed) == 1
+    assert d.fixed_used_bytes <= d.fixed_bytes
     await store.client.delete(store.keys.for_deal(gone).deal)
     for _ in range(2):
         assert [n.deal.id for n in await d.nearby(lat, lng, 1.0, 5)] == [kept]
@@ -439,31 +478,44 @@ async def test_nearby_radii_and_limits_share_an_entry_and_stay_exact(
 async def test_terminal_deals_leave_the_index_when_seen_and_when_swept(
     store: Store, discover: Callable[..., Discovery]
 ) -> None:
-    """Ended deals nobody looked at are swept; scheduled and active ones stay."""
-    seen = await place(store, 1.0, 1.0, "ended")
+    """An index written before the timeline (or rebuilt from PostgreSQL) is put right by
+    the sweep: ended and stale deals leave, scheduled ones wait outside, active ones are
+    listed by end."""
+    seen = await place(store, 1.0, 1.0, "active")
     unseen = [await place(store, -1.0, -1.0 - i * 0.01, "ended") for i in range(5)]
     stale = await place(store, 20.0, 20.0, "stale_cancelled")
-    keep = [await place(store, 30.0, 30.0, s) for s in ("active", "scheduled")]
+    active, scheduled = [await place(store, 30.0, 30.0, s) for s in ("active", "scheduled")]
+    # The legacy layout: every deal in the geo index, none in the timeline.
+    for deal_id in [*unseen, active, scheduled]:
+        k = store.keys.for_deal(deal_id)
+        deal = await get_deal(store, deal_id)
+        await store.client.geoadd(k.geo, (deal.lng, deal.lat, deal_id))
+        await store.client.zrem(k.geo_starts, deal_id)
+        await store.client.zrem(k.geo_ends, deal_id)
+    await store.client.hset(store.keys.for_deal(seen).deal, "left", 0)  # behind the index
     d = discover()
     assert await d.nearby(1.0, 1.0, 1.0, 5) == []
     await d.close()
-    geo = store.keys.for_deal(seen).geo
-    assert await store.client.zscore(geo, seen) is None
-    assert await d.sweep() == 6
-    for deal_id in [*unseen, stale]:
+    k = store.keys.for_deal(seen)
+    assert await store.client.zscore(k.geo, seen) is None
+    assert await d.sweep() == 7  # 5 ended, the stale one, the scheduled one moved out
+    for deal_id in [*unseen, stale, scheduled]:
         assert await store.client.zscore(store.keys.for_deal(deal_id).geo, deal_id) is None
-    for deal_id in keep:
-        assert await store.client.zscore(store.keys.for_deal(deal_id).geo, deal_id) is not None
+    k = store.keys.for_deal(scheduled)
+    assert await store.client.zscore(k.geo_starts, scheduled) is not None
+    k = store.keys.for_deal(active)
+    assert await store.client.zscore(k.geo, active) is not None
+    assert await store.client.zscore(k.geo_ends, active) is not None
     assert await d.sweep() == 0
 
 
 async def test_the_sweep_lease_lets_one_process_sweep_a_partition(
     store: Store, discover: Callable[..., Discovery]
 ) -> None:
-    ended = await place(store, 5.0, 5.0, "ended")
+    ended = await place(store, 5.0, 5.0, "stale_cancelled")
     a, b = discover(), discover()
     assert await a.sweep(lease_ms=60_000) == 1
-    await place(store, 5.0, 5.1, "ended")
+    await place(store, 5.0, 5.1, "stale_cancelled")
     assert await b.sweep(lease_ms=60_000) == 0  # every partition's lease is held
     assert await store.client.zscore(store.keys.for_deal(ended).geo, ended) is None
 
@@ -480,3 +532,193 @@ async def test_an_unreachable_store_is_unavailable_not_a_bug(redis_url: str) -> 
         await store.client.aclose()
         store.client = live
         await store.close()
+
+
+# -- the timeline: scheduled deals wait outside the index, ended ones leave ----------
+
+
+async def test_a_scheduled_deal_waits_outside_the_index_and_appears_once_started(
+    store: Store, discover: Callable[..., Discovery]
+) -> None:
+    """Not in the geo index until it starts; then in at the next search, so it appears
+    within the cache time of its start, like a new deal."""
+    lat, lng = 40.4168, -3.7038
+    spec = new_deal(3, lat=lat, lng=lng, starts_in_ms=1_000)
+    deal = await create_deal(store, spec)
+    k = store.keys.for_deal(deal.id)
+    assert await store.client.zscore(k.geo, deal.id) is None
+    assert await store.client.zscore(k.geo_starts, deal.id) == spec.starts_at_ms
+    clock = Clock()
+    d = discover(clock=clock)
+    assert await d.nearby(lat, lng, 1.0, 5) == []
+    await wait_until(store, spec.starts_at_ms)
+    assert await d.nearby(lat, lng, 1.0, 5) == []  # the cell's entry from before the start
+    clock.now += d.cache_s
+    assert [n.deal.id for n in await d.nearby(lat, lng, 1.0, 5)] == [deal.id]
+    assert await store.client.zscore(k.geo, deal.id) is not None
+    assert await store.client.zscore(k.geo_starts, deal.id) is None
+    assert await store.client.zscore(k.geo_ends, deal.id) == spec.ends_at_ms
+
+
+async def test_advance_moves_started_deals_in_and_ended_deals_out(
+    store: Store, discover: Callable[..., Discovery]
+) -> None:
+    """Without any search: a started deal enters, an ended one leaves, a scheduled deal
+    cancelled before its start never enters."""
+    soon = new_deal(3, lat=1.0, lng=2.0, starts_in_ms=800)
+    ending = new_deal(3, lat=1.0, lng=2.1, starts_in_ms=-60_000, lasts_ms=60_800)
+    dropped = new_deal(3, lat=1.0, lng=2.2, starts_in_ms=800, merchant_id="m-2")
+    ids = [(await create_deal(store, spec)).id for spec in (soon, ending, dropped)]
+    await cancel_deal(store, ids[2], "m-2")
+    keys = [store.keys.for_deal(i) for i in ids]
+    assert await store.client.zscore(keys[1].geo, ids[1]) is not None
+    await wait_until(store, max(soon.starts_at_ms, ending.ends_at_ms))
+    assert await discover().advance() == 2  # the two scheduled deals' hashes were read
+    k = keys[0]
+    assert await store.client.zscore(k.geo, ids[0]) is not None
+    assert await store.client.zscore(k.geo_starts, ids[0]) is None
+    for k, deal_id in zip(keys[1:], ids[1:], strict=True):
+        for index in (k.geo, k.geo_starts, k.geo_ends):
+            assert await store.client.zscore(index, deal_id) is None
+    assert await discover().advance() == 0
+
+
+# -- the bounds -----------------------------------------------------------------------
+
+
+async def command_calls(store: Store) -> Counter[str]:
+    """Calls per command (scripts' inner commands included) over every primary."""
+    if store.settings.redis_cluster:
+        per_node = await store.client.info("commandstats", target_nodes=store.client.PRIMARIES)
+        stats = list(per_node.values())
+    else:
+        stats = [await store.client.info("commandstats")]
+    out: Counter[str] = Counter()
+    for stat in stats:
+        for name, v in stat.items():
+            if name.startswith("cmdstat_"):
+                out[name.removeprefix("cmdstat_").lower()] += int(v["calls"])
+    return out
+
+
+async def create_many(store: Store, specs: list[Any]) -> list[str]:
+    ids: list[str] = []
+    for i in range(0, len(specs), 500):
+        made = await asyncio.gather(*(create_deal(store, s) for s in specs[i : i + 500]))
+        ids += [m.id for m in made]
+    return ids
+
+
+@pytest.mark.timeout(300)
+async def test_after_an_ocean_query_and_5000_scheduled_deals_any_request_stays_within_bounds(
+    store: Store, discover: Callable[..., Discovery]
+) -> None:
+    """The issue's two attacks, then requests anywhere: each reads at most the stated
+    bounds (counted by Redis's commandstats and by the scripts' replies), scheduled deals
+    cost nothing, and every answer is still exact."""
+    rnd = random.Random(12)
+    city, spot = (48.8566, 2.3522), (48.8601, 2.3412)
+    active = [
+        new_deal(5, lat=city[0] + rnd.uniform(-0.2, 0.2), lng=city[1] + rnd.uniform(-0.3, 0.3))
+        for _ in range(2_000)
+    ]
+    ids = await create_many(store, active)
+    world = [Placed(i, s.lat, s.lng, "active") for i, s in zip(ids, active, strict=True)]
+    await create_many(
+        store, [new_deal(5, lat=spot[0], lng=spot[1], starts_in_ms=200 * 24 * HOUR_MS)] * 5_000
+    )
+    d = discover()
+    bounds = d.bounds()
+    requests = [
+        (-30.0, -140.0, 50.0, 100),  # the ocean
+        (*spot, 50.0, 100),  # on the 5,000 scheduled deals
+        (*spot, 0.5, 20),
+        (city[0] + 0.031, city[1] - 0.052, 50.0, 100),  # fresh cells of the city
+        (city[0] - 0.117, city[1] + 0.203, 50.0, 100),
+        (city[0] + 0.45, city[1], 50.0, 100),  # 50 km north: the city at the rim
+        (city[0] + 0.19, city[1] + 0.29, 2.0, 10),
+        (-30.0, -140.0, 50.0, 100),
+    ]
+    for lat, lng, radius, limit in requests:
+        before, work = await command_calls(store), dataclasses.replace(d.work)
+        found = await d.nearby(lat, lng, radius, limit)
+        calls, after = await command_calls(store), d.work
+        used = {
+            "search_geo calls": after.searches - work.searches,
+            "GEOSEARCH calls": calls["geosearch"] - before["geosearch"],
+            "ZCOUNT calls": calls["zcount"] - before["zcount"],
+            "geo members returned": after.geo_returned - work.geo_returned,
+            "geo members scanned": after.geo_scan_bound - work.geo_scan_bound,
+            "deal hashes read": calls["hmget"] - before["hmget"],
+        }
+        for name, most in bounds.items():
+            assert used[name] <= most, (name, used, lat, lng, radius, limit)
+        # Redis counts the scripts' inner commands: every deal hash read is a live read;
+        # the 5,000 scheduled deals were never read, nor any promoted.
+        assert used["deal hashes read"] == after.deals_read - work.deals_read <= 2 * limit + 8
+        assert after.timeline_read == 0
+        assert ids_and_distances(found) == brute_force(world, lat, lng, radius, limit)
+    assert d.work.short_answers == 0
+
+
+async def test_past_the_bounds_the_answer_is_the_exact_nearest_as_far_as_searched(
+    store: Store, discover: Callable[..., Discovery]
+) -> None:
+    """A scan budget or a read budget too small for the answer: what is returned is the
+    exact beginning of the full answer (nothing nearer is left out), never a guess."""
+    rnd = random.Random(3)
+    lat0, lng0 = -33.8688, 151.2093
+    specs = [
+        new_deal(5, lat=lat0 + rnd.uniform(-0.09, 0.09), lng=lng0 + rnd.uniform(-0.11, 0.11))
+        for _ in range(600)
+    ]
+    ids = await create_many(store, specs)
+    world = [Placed(i, s.lat, s.lng, "active") for i, s in zip(ids, specs, strict=True)]
+    want = brute_force(world, lat0, lng0, 50.0, 100)
+    scan = discover(scan_budget=20, cache_s=0)
+    found = ids_and_distances(await scan.nearby(lat0, lng0, 50.0, 100))
+    assert 0 < len(found) < 100 and found == want[: len(found)]
+    assert scan.work.short_answers == 1
+    assert scan.work.geo_scan_bound <= scan.bounds()["geo members scanned"] == 3 * 16 * 20
+    read = discover(read_budget=15)
+    found = ids_and_distances(await read.nearby(lat0, lng0, 50.0, 100))
+    assert 0 < len(found) <= 15 and found == want[: len(found)]
+    assert read.work.deals_read <= 15 and read.work.short_answers == 1
+
+
+def entry_bytes(e: Any) -> int:
+    """What an entry really holds (its strings counted whole, as if not shared)."""
+    arrays = (e.dist_km, e.rlats, e.rlngs, e.coslats)
+    return (
+        sys.getsizeof(e)
+        + sys.getsizeof(e.ids)
+        + sum(map(sys.getsizeof, e.ids))
+        + sum(map(sys.getsizeof, arrays))
+        + sys.getsizeof(e.dead)
+    )
+
+
+async def test_the_cache_holds_at_most_its_bytes_whatever_cells_are_asked(
+    store: Store, discover: Callable[..., Discovery]
+) -> None:
+    """Cells by the hundred, each a miss: the cache stays within its byte budget, and
+    each entry counts itself at least at what it holds."""
+    rnd = random.Random(9)
+    lat0, lng0 = 52.52, 13.40
+    await create_many(
+        store,
+        [
+            new_deal(5, lat=lat0 + rnd.uniform(-0.05, 0.05), lng=lng0 + rnd.uniform(-0.08, 0.08))
+            for _ in range(400)
+        ],
+    )
+    d = discover(cache_bytes=96 * 1024)
+    for i in range(120):
+        await d.nearby(lat0 + (i % 12) * 0.011, lng0 + (i // 12) * 0.013, 5.0, 100)
+    assert d.misses == 120
+    assert 0 < d.cache_used_bytes <= 96 * 1024
+    assert 0 < len(d._cache) < 120
+    for e in d._cache.values():
+        assert entry_bytes(e) <= e.cost
+    assert d.cache_used_bytes == sum(e.cost for e in d._cache.values())
+    assert d.fixed_used_bytes <= d.fixed_bytes

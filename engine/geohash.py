@@ -1,0 +1,131 @@
+"""The geohash boxes a Redis ``GEOSEARCH`` reads, so that a search's cost is known first.
+
+A geo index is a sorted set scored by 52-bit geohashes: 26 bits of latitude (over
+[-85.05112878, 85.05112878]) in the even bit positions, 26 of longitude (over [-180, 180])
+in the odd ones. ``GEOSEARCH ... BYRADIUS r`` picks a step ``s`` (bits per coordinate)
+from ``r`` and the centre's latitude, then reads every member of the 3 x 3 boxes of that
+step around the centre, whatever ``COUNT`` says (valkey ``geohash_helper.c``,
+``geohashCalculateAreasByShapeWGS84``): its cost is the members in those boxes, not the
+members it returns.
+
+Each box at step ``s`` is one score range of the set, so ``ZCOUNT`` over the boxes says in
+O(log n) how many members a search would read. Redis uses step ``est(r)`` or
+``est(r) - 1`` (one step coarser when a neighbouring box falls short of the circle's
+bounding box); the 3 x 3 boxes around a point at any step lie inside the 3 x 3 boxes
+around it at any coarser step. So the boxes at ``max(1, est(r) - 1)`` hold every member
+Redis can read: counting them bounds the search's cost from above (by about 4x too much
+when Redis keeps ``est(r)``). ``ladder`` offers a search those counts for ever smaller
+radii, one per step.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+LAT_MIN, LAT_MAX = -85.05112878, 85.05112878  # Redis GEO_LAT_MIN / GEO_LAT_MAX
+LNG_MIN, LNG_MAX = -180.0, 180.0
+MERCATOR_MAX_M = 20037726.37  # Redis MERCATOR_MAX, in metres
+STEP_MAX = 26  # bits per coordinate in a stored score
+# A rung's radius stays this fraction under the largest radius of its step, so that the
+# km Redis parses from our decimal string cannot round into a coarser step.
+_RADIUS_MARGIN = 1e-9
+
+
+class Rung(NamedTuple):
+    """A radius (km, as Redis measures) and the score ranges of every box it can read."""
+
+    radius_km: float
+    ranges: tuple[tuple[int, int], ...]  # [low, high) score ranges, sorted, merged
+
+
+def redis_step(radius_m: float, lat: float) -> int:
+    """``geohashEstimateStepsByRadius``: the step Redis first picks for a radius."""
+    if radius_m == 0:
+        return STEP_MAX
+    step = 1
+    while radius_m < MERCATOR_MAX_M:
+        radius_m *= 2
+        step += 1
+    step -= 2
+    if lat > 66 or lat < -66:
+        step -= 1
+        if lat > 80 or lat < -80:
+            step -= 1
+    return max(1, min(STEP_MAX, step))
+
+
+def _spread(x: int) -> int:
+    """The bits of ``x`` (< 2**32) moved to the even positions of a 64-bit word."""
+    x &= 0xFFFFFFFF
+    x = (x | (x << 16)) & 0x0000FFFF0000FFFF
+    x = (x | (x << 8)) & 0x00FF00FF00FF00FF
+    x = (x | (x << 4)) & 0x0F0F0F0F0F0F0F0F
+    x = (x | (x << 2)) & 0x3333333333333333
+    return (x | (x << 1)) & 0x5555555555555555
+
+
+def cell(lng: float, lat: float, step: int) -> tuple[int, int]:
+    """The box (latitude row, longitude column) a point falls in at ``step``, computed as
+    ``geohashEncode`` does; the top edge (lat = LAT_MAX, lng = 180) gives ``2 ** step``."""
+    lat_offset = (lat - LAT_MIN) / (LAT_MAX - LAT_MIN) * (1 << step)
+    lng_offset = (lng - LNG_MIN) / (LNG_MAX - LNG_MIN) * (1 << step)
+    return int(lat_offset), int(lng_offset)
+
+
+def score(lng: float, lat: float) -> int:
+    """The score Redis stores for a point (its 52-bit geohash)."""
+    row, col = cell(lng, lat, STEP_MAX)
+    return _spread(row) | (_spread(col) << 1)
+
+
+def boxes(lng: float, lat: float, step: int) -> tuple[tuple[int, int], ...]:
+    """The score ranges of the 3 x 3 boxes around a point at ``step`` (merged).
+
+    Redis's neighbour arithmetic wraps in both coordinates. A point on the top edge
+    (lat = LAT_MAX or lng = 180) encodes one past the last box: Redis reads that box
+    (where members stored on the edge itself are, scored past 2**52), and the last and
+    first boxes beside it.
+    """
+    n = 1 << step
+    row, col = cell(lng, lat, step)
+    rows = {(row - 1) % n, row % n, (row + 1) % n, row}
+    cols = {(col - 1) % n, col % n, (col + 1) % n, col}
+    spread_rows = [_spread(r) for r in rows]
+    spread_cols = [_spread(c) << 1 for c in cols]
+    shift = 2 * (STEP_MAX - step)
+    merged: list[list[int]] = []
+    for h in sorted(r | c for r in spread_rows for c in spread_cols):
+        low = h << shift
+        if merged and merged[-1][1] == low:
+            merged[-1][1] = (h + 1) << shift
+        else:
+            merged.append([low, (h + 1) << shift])
+    return tuple((low, high) for low, high in merged)
+
+
+def max_radius_km(step: int, lat: float) -> float:
+    """The largest radius (km) for which Redis picks ``step + 1`` or finer first, so that
+    it reads no box coarser than ``step``."""
+    adjust = 2 if (lat > 80 or lat < -80) else 1 if (lat > 66 or lat < -66) else 0
+    if not 1 <= step < STEP_MAX:
+        raise ValueError(f"no radius makes Redis read boxes of step {step} or finer only")
+    return MERCATOR_MAX_M / 2 ** (step + 1 + adjust) / 1000 * (1 - _RADIUS_MARGIN)
+
+
+def ladder(lng: float, lat: float, radius_km: float, rungs_max: int = STEP_MAX) -> list[Rung]:
+    """``radius_km`` and ever smaller radii, each with the boxes it may read.
+
+    The first rung is the radius itself, counted at ``est(r) - 1``; rung ``k`` is the
+    largest radius Redis searches at step ``est(r) - 1 + k`` or finer (so its boxes nest
+    in the ones before, and their counts never grow down the ladder), to step 25 (Redis
+    may search one step coarser than it first picks, and picks 26 at most).
+    """
+    first = max(1, redis_step(float(repr(radius_km)) * 1000, lat) - 1)
+    rungs = [Rung(radius_km, boxes(lng, lat, first))]
+    for step in range(first + 1, STEP_MAX):
+        if len(rungs) >= rungs_max:
+            break
+        km = min(radius_km, max_radius_km(step, lat))
+        if km < rungs[-1].radius_km:
+            rungs.append(Rung(km, boxes(lng, lat, step)))
+    return rungs

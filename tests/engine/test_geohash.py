@@ -1,0 +1,102 @@
+"""The geohash boxes: the scores Redis stores, and the boxes a GEOSEARCH may read.
+
+``lua/search_geo.lua`` counts the members of a rung's boxes before searching at its
+radius; that bounds the search's cost only if every member GEOSEARCH can read lies in
+those boxes. Redis does not report what it read, so the tests check what it returns
+(every member within the radius must lie in the boxes) on real servers, around awkward
+places, and the nesting that makes counts shrink down a ladder.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from engine import geohash
+from engine.geohash import LAT_MAX, ladder, redis_step, score
+from engine.store import Store
+
+# Around the antimeridian, the poles' band edges, the equator and a city.
+PLACES = [(77.5946, 12.9716), (180.0, 0.0), (-179.99, -33.9), (10.0, LAT_MAX - 0.01),
+          (-179.999, -LAT_MAX + 0.02), (0.0, 0.0), (-0.001, 51.5), (179.9, 70.0)]  # fmt: skip
+
+
+def test_the_step_redis_picks_for_a_radius() -> None:
+    """geohashEstimateStepsByRadius: doublings to reach MERCATOR_MAX, less 2, less near poles."""
+    assert redis_step(5_000, 0.0) == 11  # 5 km * 2**12 reaches 20,037,726 m
+    assert redis_step(4_891, 0.0) == 12
+    assert redis_step(5_000, 70.0) == 10
+    assert redis_step(5_000, -81.0) == 9
+    assert redis_step(0, 0.0) == 26
+    assert redis_step(1e-3, 0.0) == 26
+    assert redis_step(1e8, 0.0) == 1
+
+
+def test_each_rung_is_searched_at_its_step_or_finer() -> None:
+    """A rung's radius makes Redis pick (step + 1) or finer, so even one step coarser
+    (Redis's fallback near box edges) reads no box outside the counted ones."""
+    for lng, lat in PLACES:
+        for km in (0.01, 0.8, 5.8, 51.0, 102.0):
+            rungs = ladder(lng, lat, km)
+            radii = [r.radius_km for r in rungs]
+            assert radii == sorted(radii, reverse=True) and radii[0] == km
+            first = max(1, redis_step(km * 1000, lat) - 1)
+            for k, rung in enumerate(rungs[1:], start=1):
+                assert redis_step(float(repr(rung.radius_km)) * 1000, lat) >= first + k + 1
+
+
+async def test_scores_are_the_ones_redis_stores(store: Store) -> None:
+    rnd = random.Random(7)
+    points = [(rnd.uniform(-180, 180), rnd.uniform(-LAT_MAX, LAT_MAX)) for _ in range(300)]
+    points += [(lng + rnd.uniform(-0.01, 0.01), lat) for lng, lat in PLACES if abs(lng) < 180]
+    key = store.keys.all_geo()[0]
+    await store.client.geoadd(key, [x for i, (lng, lat) in enumerate(points)
+                                    for x in (lng, lat, f"m{i}")])  # fmt: skip
+    for i, (lng, lat) in enumerate(points):
+        assert int(await store.client.zscore(key, f"m{i}")) == score(lng, lat), (lng, lat)
+
+
+@pytest.mark.timeout(120)
+async def test_every_member_geosearch_returns_lies_in_the_counted_boxes(store: Store) -> None:
+    """For each rung of each ladder, GEOSEARCH at the rung's radius finds nothing outside
+    its boxes, and the boxes' counts never grow down the ladder."""
+    rnd = random.Random(11)
+    key = store.keys.all_geo()[0]
+    members = []
+    for lng, lat in PLACES:
+        for _ in range(150):
+            m_lat = max(-LAT_MAX, min(LAT_MAX, lat + rnd.uniform(-1.5, 1.5)))
+            m_lng = lng + rnd.uniform(-3, 3)
+            m_lng = (m_lng + 180) % 360 - 180 if abs(m_lng) > 180 else m_lng
+            members += [m_lng, m_lat, f"m{len(members)}"]
+    for lng, lat in PLACES[:4]:  # members exactly on the lines, too
+        members += [lng, lat, f"m{len(members)}"]
+    await store.client.geoadd(key, members)
+    c = store.client
+    for lng, lat in PLACES:
+        for km in (0.3, 2.0, 5.8, 20.0, 51.0, 150.0):
+            counts = []
+            for rung in ladder(lng, lat, km):
+                found = await c.execute_command(
+                    "GEOSEARCH", key, "FROMLONLAT", repr(lng), repr(lat), "BYRADIUS",
+                    repr(rung.radius_km), "km", "WITHHASH",
+                )  # fmt: skip
+                for name, h in found:
+                    assert any(lo <= int(h) < hi for lo, hi in rung.ranges), (lng, lat, km, name)
+                counts.append(sum([await c.zcount(key, lo, f"({hi}") for lo, hi in rung.ranges]))
+                assert counts[-1] >= len(found)
+            assert counts == sorted(counts, reverse=True), (lng, lat, km)
+
+
+def test_boxes_wrap_around_the_antimeridian_and_take_in_the_top_edge() -> None:
+    """Nine boxes, wrapped; on the top edge (lng 180, lat LAT_MAX) also the box one past
+    the last, where Redis keeps members stored exactly on that edge."""
+    box = 1 << (2 * (26 - 5))
+    assert sum(hi - lo for lo, hi in geohash.boxes(-180.0, 0.0, 5)) == 9 * box
+    assert sum(hi - lo for lo, hi in geohash.boxes(12.0, 40.0, 5)) == 9 * box
+    for lng, lat in ((180.0, 0.0), (0.0, LAT_MAX)):
+        spans = geohash.boxes(lng, lat, 5)
+        assert sum(hi - lo for lo, hi in spans) == 12 * box
+        assert max(hi for _, hi in spans) > 1 << 52
+    assert score(180.0, 0.0) >= 1 << 52 and score(0.0, LAT_MAX) >= 1 << 52
