@@ -79,8 +79,12 @@ _FLOAT_KM = 1e-6
 _REDIS_SCALE = REDIS_EARTH_RADIUS_KM / EARTH_RADIUS_KM
 _DIAMETER_KM = 2 * EARTH_RADIUS_KM
 # A search's ladder offers at most this many radii per centre, each half the one before
-# (engine/geohash.py): the narrowest is under the widest / 2 ** 9.
-_MAX_RUNGS = 10
+# (engine/geohash.py): the narrowest is under the widest / 2 ** 7.
+_MAX_RUNGS = 8
+# A search asks for the radius that should hold this many times the deals a cell's
+# callers need (limit + 2 near ties) at the density it finds (in the first partition of
+# the call: deal ids, and so partitions, are random).
+_DENSITY_MARGIN = 2.0
 # Scheduled deals moved into the index (each one deal hash read) and ended ones dropped
 # by each search_geo call, per partition; and by ``advance``, per call, with at most
 # ``ADVANCE_CALLS`` calls per partition per round.
@@ -348,11 +352,14 @@ class Work:
     """What this ``Discovery`` has asked of Redis, for tests and metrics."""
 
     searches: int = 0  # search_geo calls
+    geosearches: int = 0  # GEOSEARCH calls in them (per partition and centre)
     geo_returned: int = 0  # geo members those searches returned
     geo_scan_bound: int = 0  # members in the boxes they searched (>= members GEOSEARCH read)
     deals_read: int = 0  # deal hashes read for live state (read_deals)
     timeline_read: int = 0  # deal hashes read moving scheduled deals into the index
     short_answers: int = 0  # answers cut to what was certain at a bound
+    rewidened: int = 0  # crowded cells searched again with wide_count (round 2)
+    from_caller: int = 0  # answers searched from the caller's own point (round 3)
 
 
 class Discovery:
@@ -388,10 +395,20 @@ class Discovery:
         self._tasks: set[asyncio.Task[None]] = set()
         self._cluster = s.redis_cluster
         partitions = range(store.keys.partitions)
-        # Per partition: search_geo's keys, and the deal hash name prefix its ids take.
+        # Per partition: its indexes' keys, and the deal hash name prefix its ids take.
         self._partitions = [
             ((geo_key(p), geo_starts_key(p), geo_ends_key(p)), deal_key_prefix(p))
             for p in partitions
+        ]
+        # search_geo calls: one for every partition on one node; one per partition on a
+        # cluster (a script's keys share a hash slot there). Keys, then prefixes.
+        groups = [[p] for p in partitions] if self._cluster else [list(partitions)]
+        self._calls = [
+            (
+                tuple(k for p in group for k in self._partitions[p][0]),
+                tuple(self._partitions[p][1] for p in group),
+            )
+            for group in groups
         ]
         # Per latitude row of cells (and whether it is the last, maybe narrower, column).
         self._half_diag: dict[tuple[int, bool], float] = {}
@@ -408,13 +425,17 @@ class Discovery:
             centres: search centres per search: 1, but up to 6 within reach of the
                 antimeridian or the edges of the geo band (``_centres``).
         """
-        p, rounds = len(self._partitions), 3
-        probes = math.ceil(math.log2(_MAX_RUNGS + 1))  # the binary search down a ladder
+        p, calls, rounds = len(self._partitions), len(self._calls), 3
+        # ZCOUNT probes of a rung's boxes (at most 16 ranges: 3 x 3, or 4 x 4 on the top
+        # edges, geohash.boxes): up to 1 + DENSITY_ROUNDS (3) per call and centre to size
+        # the radius, then per partition and centre one (one more ZCOUNT first, over the
+        # enclosing range), and a binary search down the ladder if that one is over.
+        binary = math.ceil(math.log2(_MAX_RUNGS + 1))
+        zcounts = centres * (calls * (1 + 3) * 16 + p * (1 + binary) * 17)
         return {
-            "search_geo calls": rounds * p,
+            "search_geo calls": rounds * calls,
             "GEOSEARCH calls": rounds * p * centres,
-            # per probe, a rung's boxes: 3 x 3, or 4 x 4 on the top edges (geohash.boxes)
-            "ZCOUNT calls": rounds * p * centres * probes * 16,
+            "ZCOUNT calls": rounds * zcounts,
             "geo members returned": p * centres * (self.first_count + 2 * self.wide_count),
             "geo members scanned": rounds * p * centres * self.scan_budget,
             "deal hashes read": self.read_budget + rounds * p * SEARCH_ADVANCE_CHUNK,
@@ -433,20 +454,26 @@ class Discovery:
         full_km = shared_km + half_diag_km
         budget = _Budget(self.read_budget)
         # 1. The cell's entry: at most first_count per partition, cached.
-        entry = await self._entry(key, clat, clng, full_km)
+        want = _DENSITY_MARGIN * (shared_limit + 2)
+        entry = await self._entry(key, clat, clng, full_km, want, half_diag_km)
         found = await self._answer(entry, lat, lng, radius_km, limit, budget, final=False)
         if found is not None:
             return found
         if entry.truncated and entry.count < self.wide_count:
             # 2. A crowded cell: search it again with wide_count per partition, for every
             # caller in it.
-            entry = await self._load(clat, clng, full_km, self.wide_count, entry.dead)
+            self.work.rewidened += 1
+            entry = await self._load(
+                clat, clng, full_km, self.wide_count, entry.dead, 4 * want, half_diag_km
+            )
             self._remember(key, entry)
             found = await self._answer(entry, lat, lng, radius_km, limit, budget, final=False)
             if found is not None:
                 return found
         # 3. From the caller's own point (no half-diagonal to cover); final.
-        entry = await self._load(lat, lng, radius_km, self.wide_count, entry.dead)
+        self.work.from_caller += 1
+        want = 2 * _DENSITY_MARGIN * (limit + 2)
+        entry = await self._load(lat, lng, radius_km, self.wide_count, entry.dead, want, 0.0)
         found = await self._answer(entry, lat, lng, radius_km, limit, budget, final=True)
         assert found is not None
         return found
@@ -595,8 +622,9 @@ class Discovery:
         return (y, x, radius_km, limit), clat, clng, half
 
     async def _entry(
-        self, key: tuple[int, int, float, int], clat: float, clng: float, full_km: float
-    ) -> _Candidates:
+        self, key: tuple[int, int, float, int], clat: float, clng: float, full_km: float,
+        want: float, half_diag_km: float,
+    ) -> _Candidates:  # fmt: skip
         now = self.clock()
         entry = self._cache.get(key)
         if entry is not None and entry.expires_at > now:
@@ -610,7 +638,9 @@ class Discovery:
         future: asyncio.Future[_Candidates] = asyncio.get_running_loop().create_future()
         self._loading[key] = future
         try:
-            entry = await self._load(clat, clng, full_km, self.first_count, set())
+            entry = await self._load(
+                clat, clng, full_km, self.first_count, set(), want, half_diag_km
+            )
         except BaseException as exc:
             future.set_exception(exc)
             future.exception()  # retrieved: waiters re-raise it, nobody else must
@@ -643,34 +673,38 @@ class Discovery:
         return self._fixed_used
 
     async def _load(
-        self, lat: float, lng: float, reach_km: float, count: int, dead: set[str]
-    ) -> _Candidates:
+        self, lat: float, lng: float, reach_km: float, count: int, dead: set[str],
+        want: float, extra_km: float,
+    ) -> _Candidates:  # fmt: skip
         """The indexed deals nearest the point, up to ``reach_km``, within the bounds.
 
         One ``search_geo`` call per partition (all in one round trip): at most ``count``
-        members each, at a radius whose boxes hold at most ``scan_budget`` members. The
-        entry records how far it is complete.
+        members each, at the radius that should hold ``want`` deals in all at the density
+        the partition shows there, plus ``extra_km``, if its boxes hold at most
+        ``scan_budget`` members; else the widest radius whose boxes do. The entry records
+        how far it is complete.
         """
         centres = _centres(lat, lng, reach_km + 2 * GEO_SLACK_KM)
+        per_partition = want / len(self._partitions)
         spec: list[str] = []
-        ladders: list[list[float]] = []  # per centre, its rungs' radii in our km
         for c_lat, c_lng, c_km in centres:
             rungs = geohash.ladder(c_lng, c_lat, (c_km + 2 * _FLOAT_KM) * _REDIS_SCALE, _MAX_RUNGS)
-            ladders.append([r.radius_km / _REDIS_SCALE - _FLOAT_KM for r in rungs])
+            # An extra centre (``_centres``) stands that much farther out.
+            e_extra = (extra_km + c_km - centres[0][2] + 2 * GEO_SLACK_KM) * _REDIS_SCALE
+            head = f"{c_lng!r} {c_lat!r} {per_partition!r} {e_extra!r}"
             spec.append(
-                f"{c_lng!r} {c_lat!r}/"
-                + "/".join(
-                    f"{r.radius_km!r} " + " ".join(f"{lo} {hi}" for lo, hi in r.ranges)
-                    for r in rungs
+                "/".join(
+                    [head]
+                    + [
+                        f"{r.radius_km!r} {geohash.boxes_km2(c_lat, r.step):.6g} "
+                        + " ".join(f"{lo} {hi}" for lo, hi in r.ranges)
+                        for r in rungs
+                    ]
                 )
             )
-        args_tail = (SEARCH_ADVANCE_CHUNK, count, self.scan_budget, ";".join(spec))
-        replies = await asyncio.gather(
-            *(
-                self.store.run("search_geo", keys, (prefix, *args_tail))
-                for keys, prefix in self._partitions
-            )
-        )
+        args = (SEARCH_ADVANCE_CHUNK, count, self.scan_budget, ";".join(spec))
+        calls = [self.store.run("search_geo", keys, (*args, *fixes)) for keys, fixes in self._calls]
+        replies = [await calls[0]] if len(calls) == 1 else await asyncio.gather(*calls)
         # Every deal within ``covered`` of the main centre is in: per partition and centre,
         # the radius searched, or just short of the farthest returned if COUNT cut it;
         # an extra centre (``_centres``) stands that much farther out.
@@ -683,41 +717,41 @@ class Discovery:
         c_cos, sin, cos, radians = math.cos(c_rlat), math.sin, math.cos, math.radians
         work = self.work
         work.searches += len(replies)
-        for reply in replies:
+        for reply, (_keys, fixes) in zip(replies, self._calls, strict=True):
             backlog = backlog or bool(reply[1])
             work.timeline_read += int(reply[2])
             pos = 3
-            for (e_lat, e_lng, e_km), ladder in zip(centres, ladders, strict=True):
-                rung, in_boxes, n = int(reply[pos]), int(reply[pos + 1]), int(reply[pos + 2])
-                pos += 3
-                extra_km = e_km - centres[0][2]
-                if rung == 0:
-                    covered = 0.0
-                else:
-                    work.geo_scan_bound += in_boxes
-                    work.geo_returned += n
-                    reach = ladder[rung - 1]
-                    if n >= count:  # cut by COUNT: complete to just short of the last
-                        truncated = True
-                        last = pos + 3 * (n - 1)
-                        reach = min(
-                            reach,
-                            haversine_km(
+            for _ in fixes:  # per partition
+                for e_lat, e_lng, e_km in centres:
+                    km, in_boxes, n = float(reply[pos]), int(reply[pos + 1]), int(reply[pos + 2])
+                    pos += 3
+                    extra_km = e_km - centres[0][2]
+                    if km == 0:  # no radius within the scan budget
+                        covered = 0.0
+                    else:
+                        work.geosearches += 1
+                        work.geo_scan_bound += in_boxes
+                        work.geo_returned += n
+                        reach = km / _REDIS_SCALE - _FLOAT_KM
+                        if n >= count:  # cut by COUNT: complete to just short of the last
+                            truncated = True
+                            last = pos + 3 * (n - 1)
+                            last_km = haversine_km(
                                 e_lat, e_lng, float(reply[last + 2]), float(reply[last + 1])
                             )
-                            - _FLOAT_KM,
-                        )
-                    covered = min(covered, reach - extra_km)
-                for k in range(pos, pos + 3 * n, 3):
-                    member = reply[k]
-                    if member not in seen:
-                        seen.add(member)
-                        rlng, rlat = radians(float(reply[k + 1])), radians(float(reply[k + 2]))
-                        m_cos = cos(rlat)
-                        s_lat, s_lng = sin((rlat - c_rlat) * 0.5), sin((rlng - c_rlng) * 0.5)
-                        a = s_lat * s_lat + c_cos * m_cos * s_lng * s_lng
-                        rows.append((_km_of(a), member, rlat, rlng, m_cos))
-                pos += 3 * n
+                            reach = min(reach, last_km - _FLOAT_KM)
+                        covered = min(covered, reach - extra_km)
+                    for k in range(pos, pos + 3 * n, 3):
+                        member = reply[k]
+                        if member not in seen:
+                            seen.add(member)
+                            rlng, rlat = radians(float(reply[k + 1])), radians(float(reply[k + 2]))
+                            m_cos = cos(rlat)
+                            s_lat = sin((rlat - c_rlat) * 0.5)
+                            s_lng = sin((rlng - c_rlng) * 0.5)
+                            a = s_lat * s_lat + c_cos * m_cos * s_lng * s_lng
+                            rows.append((_km_of(a), member, rlat, rlng, m_cos))
+                    pos += 3 * n
         rows.sort()
         ids = [sys.intern(r[1]) for r in rows]
         cost = _ENTRY_BYTES + len(ids) * _CANDIDATE_BYTES + sum(map(sys.getsizeof, ids))
@@ -754,25 +788,24 @@ class Discovery:
         """Move every partition's timeline on: scheduled deals whose start has come enter
         the geo index, ended ones leave (``search_geo`` does it too, a chunk per search).
 
-        At most ``ADVANCE_CALLS`` calls of ``ADVANCE_CHUNK`` due deals per partition.
+        At most ``ADVANCE_CALLS`` calls of ``ADVANCE_CHUNK`` due deals per partition
+        each.
 
         Returns:
             How many scheduled deals were read (moved in, or dropped if no longer
             claimable).
         """
 
-        async def one(keys: tuple[str, str, str], prefix: str) -> int:
+        async def one(keys: tuple[str, ...], fixes: tuple[str, ...]) -> int:
             read = 0
             for _ in range(ADVANCE_CALLS):
-                _now, backlog, n = await self.store.run(
-                    "search_geo", keys, (prefix, ADVANCE_CHUNK, 0, 0, "")
-                )
-                read += int(n)
-                if not int(backlog):
+                reply = await self.store.run("search_geo", keys, (ADVANCE_CHUNK, 0, 0, "", *fixes))
+                read += int(reply[2])
+                if not int(reply[1]):
                     break
             return read
 
-        return sum(await asyncio.gather(*(one(keys, prefix) for keys, prefix in self._partitions)))
+        return sum(await asyncio.gather(*(one(keys, fixes) for keys, fixes in self._calls)))
 
     async def sweep(self, *, lease_ms: int = 0) -> int:
         """Check every geo index member against its deal: remove ended, cancelled,

@@ -9,22 +9,25 @@ step around the centre, whatever ``COUNT`` says (valkey ``geohash_helper.c``,
 members it returns.
 
 Each box at step ``s`` is one score range of the set, so ``ZCOUNT`` over the boxes says in
-O(log n) how many members a search would read. Redis uses step ``est(r)`` or
-``est(r) - 1`` (one step coarser when a neighbouring box falls short of the circle's
-bounding box); the 3 x 3 boxes around a point at any step lie inside the 3 x 3 boxes
-around it at any coarser step. So the boxes at ``max(1, est(r) - 1)`` hold every member
-Redis can read: counting them bounds the search's cost from above (by about 4x too much
-when Redis keeps ``est(r)``). ``ladder`` offers a search those counts for ever smaller
-radii, one per step.
+O(log n) how many members a search would read. Redis uses step ``est(r)``, or
+``est(r) - 1`` when a neighbouring box falls short of the circle's bounding box
+(``decrease_step``; ``searched_step`` repeats that test exactly: it can only happen next
+to the edges of the band). The 3 x 3 boxes around a point at any step lie inside the
+3 x 3 boxes around it at any coarser step, and a smaller radius never makes Redis pick
+a coarser step: so the boxes of the step Redis searches a radius at hold every member it
+can read at that radius or any smaller one. ``ladder`` offers a search those boxes for
+ever smaller radii, one rung per step.
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 LAT_MIN, LAT_MAX = -85.05112878, 85.05112878  # Redis GEO_LAT_MIN / GEO_LAT_MAX
 LNG_MIN, LNG_MAX = -180.0, 180.0
 MERCATOR_MAX_M = 20037726.37  # Redis MERCATOR_MAX, in metres
+REDIS_EARTH_RADIUS_M = 6372797.560856  # Redis EARTH_RADIUS_IN_METERS
 STEP_MAX = 26  # bits per coordinate in a stored score
 # A rung's radius stays this fraction under the largest radius of its step, so that the
 # km Redis parses from our decimal string cannot round into a coarser step.
@@ -35,6 +38,7 @@ class Rung(NamedTuple):
     """A radius (km, as Redis measures) and the score ranges of every box it can read."""
 
     radius_km: float
+    step: int  # the boxes' step
     ranges: tuple[tuple[int, int], ...]  # [low, high) score ranges, sorted, merged
 
 
@@ -103,29 +107,68 @@ def boxes(lng: float, lat: float, step: int) -> tuple[tuple[int, int], ...]:
     return tuple((low, high) for low, high in merged)
 
 
-def max_radius_km(step: int, lat: float) -> float:
-    """The largest radius (km) for which Redis picks ``step + 1`` or finer first, so that
-    it reads no box coarser than ``step``."""
+def searched_step(lng: float, lat: float, radius_m: float) -> int:
+    """The step of the boxes ``GEOSEARCH ... BYRADIUS`` reads (``est``, or one coarser).
+
+    ``geohashCalculateAreasByShapeWGS84``: the circle's bounding box, then one step
+    coarser if the centre box's north, south, east or west neighbour does not reach it.
+    """
+    step = redis_step(radius_m, lat)
+    if step <= 1:
+        return step
+    lat_delta = math.degrees(radius_m / REDIS_EARTH_RADIUS_M)
+    top = math.degrees(radius_m / REDIS_EARTH_RADIUS_M / math.cos(math.radians(lat + lat_delta)))
+    bottom = math.degrees(radius_m / REDIS_EARTH_RADIUS_M / math.cos(math.radians(lat - lat_delta)))
+    half_width = bottom if lat < 0 else top
+    n = 1 << step
+    row, col = cell(lng, lat, step)
+    height, width = (LAT_MAX - LAT_MIN) / n, (LNG_MAX - LNG_MIN) / n
+    north_max = LAT_MIN + ((row + 1) % n + 1) * height
+    south_min = LAT_MIN + ((row - 1) % n) * height
+    east_max = LNG_MIN + ((col + 1) % n + 1) * width
+    west_min = LNG_MIN + ((col - 1) % n) * width
+    if (
+        north_max < lat + lat_delta
+        or south_min > lat - lat_delta
+        or east_max < lng + half_width
+        or west_min > lng - half_width
+    ):
+        return step - 1
+    return step
+
+
+def radius_for_step_km(step: int, lat: float) -> float:
+    """The largest radius (km) for which Redis first picks ``step`` or a finer one."""
     adjust = 2 if (lat > 80 or lat < -80) else 1 if (lat > 66 or lat < -66) else 0
-    if not 1 <= step < STEP_MAX:
-        raise ValueError(f"no radius makes Redis read boxes of step {step} or finer only")
-    return MERCATOR_MAX_M / 2 ** (step + 1 + adjust) / 1000 * (1 - _RADIUS_MARGIN)
+    if not 1 <= step <= STEP_MAX:
+        raise ValueError(f"no step {step}")
+    return MERCATOR_MAX_M / 2 ** (step + adjust) / 1000 * (1 - _RADIUS_MARGIN)
 
 
 def ladder(lng: float, lat: float, radius_km: float, rungs_max: int = STEP_MAX) -> list[Rung]:
     """``radius_km`` and ever smaller radii, each with the boxes it may read.
 
-    The first rung is the radius itself, counted at ``est(r) - 1``; rung ``k`` is the
-    largest radius Redis searches at step ``est(r) - 1 + k`` or finer (so its boxes nest
-    in the ones before, and their counts never grow down the ladder), to step 25 (Redis
-    may search one step coarser than it first picks, and picks 26 at most).
+    Rung ``k`` is the largest radius Redis first searches at step ``est(r) + k`` or finer,
+    with the boxes of the step it does search that radius at (``searched_step``): every
+    smaller radius reads only inside them, and the counts in them never grow down the
+    ladder. At most ``rungs_max`` rungs, to step 26.
     """
-    first = max(1, redis_step(float(repr(radius_km)) * 1000, lat) - 1)
-    rungs = [Rung(radius_km, boxes(lng, lat, first))]
-    for step in range(first + 1, STEP_MAX):
+    rungs: list[Rung] = []
+    km = radius_km
+    first = redis_step(float(repr(km)) * 1000, lat)
+    for est in range(first, STEP_MAX + 1):
+        if est > first:
+            km = min(km, radius_for_step_km(est, lat))
+        step = searched_step(lng, lat, float(repr(km)) * 1000)
+        rungs.append(Rung(km, step, boxes(lng, lat, step)))
         if len(rungs) >= rungs_max:
             break
-        km = min(radius_km, max_radius_km(step, lat))
-        if km < rungs[-1].radius_km:
-            rungs.append(Rung(km, boxes(lng, lat, step)))
     return rungs
+
+
+def boxes_km2(lat: float, step: int) -> float:
+    """About the area (km2) of the 3 x 3 boxes of ``step`` around latitude ``lat``."""
+    km_per_deg = 111.19  # on the 6371 km sphere
+    height = (LAT_MAX - LAT_MIN) / (1 << step) * km_per_deg
+    width = (LNG_MAX - LNG_MIN) / (1 << step) * km_per_deg * math.cos(math.radians(lat))
+    return 9 * height * max(width, 1e-9)

@@ -656,6 +656,7 @@ async def test_after_an_ocean_query_and_5000_scheduled_deals_any_request_stays_w
         # Redis counts the scripts' inner commands: every deal hash read is a live read;
         # the 5,000 scheduled deals were never read, nor any promoted.
         assert used["deal hashes read"] == after.deals_read - work.deals_read <= 2 * limit + 8
+        assert used["GEOSEARCH calls"] == after.geosearches - work.geosearches
         assert after.timeline_read == 0
         assert ids_and_distances(found) == brute_force(world, lat, lng, radius, limit)
     assert d.work.short_answers == 0

@@ -14,7 +14,7 @@ import random
 import pytest
 
 from engine import geohash
-from engine.geohash import LAT_MAX, ladder, redis_step, score
+from engine.geohash import LAT_MAX, ladder, redis_step, score, searched_step
 from engine.store import Store
 
 # Around the antimeridian, the poles' band edges, the equator and a city.
@@ -33,17 +33,33 @@ def test_the_step_redis_picks_for_a_radius() -> None:
     assert redis_step(1e8, 0.0) == 1
 
 
-def test_each_rung_is_searched_at_its_step_or_finer() -> None:
-    """A rung's radius makes Redis pick (step + 1) or finer, so even one step coarser
-    (Redis's fallback near box edges) reads no box outside the counted ones."""
-    for lng, lat in PLACES:
+def test_redis_steps_one_coarser_when_a_neighbour_falls_short() -> None:
+    """decrease_step: near the right edge of the last column (whose east neighbour wraps
+    to the far west), and when the radius passes the box's edge by more than a box."""
+    assert searched_step(179.5523, -14.4364, 25163.8) == redis_step(25163.8, -14.4364) - 1
+    h = (LAT_MAX - geohash.LAT_MIN) / (1 << 20)  # 0.000162 degrees, 18.0 m
+    row, _ = geohash.cell(-154.26, -14.36, 20)
+    top = geohash.LAT_MIN + (row + 1) * h - h / 100  # just under the top of its box
+    assert redis_step(18.6, top) == 20
+    assert searched_step(-154.26, top, 18.6) == 19  # the north neighbour ends 18.2 m up
+    assert searched_step(-154.26, top - h / 2, 18.6) == 20
+    assert searched_step(77.5946, 12.9716, 5000.0) == redis_step(5000.0, 12.9716)
+
+
+def test_every_radius_of_a_rung_is_searched_at_its_step_or_finer() -> None:
+    """A rung's boxes hold whatever Redis reads at its radius or any smaller one."""
+    rnd = random.Random(5)
+    places = PLACES + [(rnd.uniform(-180, 180), rnd.uniform(-85, 85)) for _ in range(300)]
+    for lng, lat in places:
         for km in (0.01, 0.8, 5.8, 51.0, 102.0):
             rungs = ladder(lng, lat, km)
             radii = [r.radius_km for r in rungs]
             assert radii == sorted(radii, reverse=True) and radii[0] == km
-            first = max(1, redis_step(km * 1000, lat) - 1)
-            for k, rung in enumerate(rungs[1:], start=1):
-                assert redis_step(float(repr(rung.radius_km)) * 1000, lat) >= first + k + 1
+            assert [r.step for r in rungs] == sorted(r.step for r in rungs)
+            for rung in rungs:
+                for f in (1.0, 0.9, 0.7, 0.5, 0.3):
+                    m = float(repr(rung.radius_km * f)) * 1000
+                    assert searched_step(lng, lat, m) >= rung.step, (lng, lat, km, rung, f)
 
 
 async def test_scores_are_the_ones_redis_stores(store: Store) -> None:
