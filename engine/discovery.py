@@ -85,6 +85,9 @@ _MAX_RUNGS = 8
 # callers need (limit + 2 near ties) at the density it finds (in the first partition of
 # the call: deal ids, and so partitions, are random).
 _DENSITY_MARGIN = 2.0
+# On one node, partitions searched per search_geo call: fewer calls cost less in all,
+# smaller ones keep each script short (claims queue behind a running script).
+CALL_PARTITIONS = 4
 # Scheduled deals moved into the index (each one deal hash read) and ended ones dropped
 # by each search_geo call, per partition; and by ``advance``, per call, with at most
 # ``ADVANCE_CALLS`` calls per partition per round.
@@ -400,9 +403,11 @@ class Discovery:
             ((geo_key(p), geo_starts_key(p), geo_ends_key(p)), deal_key_prefix(p))
             for p in partitions
         ]
-        # search_geo calls: one for every partition on one node; one per partition on a
-        # cluster (a script's keys share a hash slot there). Keys, then prefixes.
-        groups = [[p] for p in partitions] if self._cluster else [list(partitions)]
+        # search_geo calls: one per CALL_PARTITIONS partitions on one node (so that claims
+        # wait behind no long script); one per partition on a cluster (a script's keys
+        # share a hash slot there). Keys, then prefixes.
+        size = 1 if self._cluster else CALL_PARTITIONS
+        groups = [list(partitions[i : i + size]) for i in range(0, len(partitions), size)]
         self._calls = [
             (
                 tuple(k for p in group for k in self._partitions[p][0]),
@@ -686,24 +691,21 @@ class Discovery:
         """
         centres = _centres(lat, lng, reach_km + 2 * GEO_SLACK_KM)
         per_partition = want / len(self._partitions)
-        spec: list[str] = []
+        spec: list[Any] = [len(centres)]
         for c_lat, c_lng, c_km in centres:
             rungs = geohash.ladder(c_lng, c_lat, (c_km + 2 * _FLOAT_KM) * _REDIS_SCALE, _MAX_RUNGS)
             # An extra centre (``_centres``) stands that much farther out.
             e_extra = (extra_km + c_km - centres[0][2] + 2 * GEO_SLACK_KM) * _REDIS_SCALE
-            head = f"{c_lng!r} {c_lat!r} {per_partition!r} {e_extra!r}"
-            spec.append(
-                "/".join(
-                    [head]
-                    + [
-                        f"{r.radius_km!r} {geohash.boxes_km2(c_lat, r.step):.6g} "
-                        + " ".join(f"{lo} {hi}" for lo, hi in r.ranges)
-                        for r in rungs
-                    ]
-                )
-            )
-        args = (SEARCH_ADVANCE_CHUNK, count, self.scan_budget, ";".join(spec))
-        calls = [self.store.run("search_geo", keys, (*args, *fixes)) for keys, fixes in self._calls]
+            spec += (repr(c_lng), repr(c_lat), repr(per_partition), repr(e_extra), len(rungs))
+            for r in rungs:
+                spec += (repr(r.radius_km), geohash.boxes_km2(c_lat, r.step), len(r.ranges))
+                for lo, hi in r.ranges:
+                    spec += (lo, hi)
+        head = (SEARCH_ADVANCE_CHUNK, count, self.scan_budget)
+        calls = [
+            self.store.run("search_geo", keys, (*head, *fixes, *spec))
+            for keys, fixes in self._calls
+        ]
         replies = [await calls[0]] if len(calls) == 1 else await asyncio.gather(*calls)
         # Every deal within ``covered`` of the main centre is in: per partition and centre,
         # the radius searched, or just short of the farthest returned if COUNT cut it;
@@ -715,6 +717,7 @@ class Discovery:
         # Haversine inlined as in ``_Nearest.take`` (the same formula to ~1e-12 km).
         c_rlat, c_rlng = math.radians(lat), math.radians(lng)
         c_cos, sin, cos, radians = math.cos(c_rlat), math.sin, math.cos, math.radians
+        decode = geohash.decode
         work = self.work
         work.searches += len(replies)
         for reply, (_keys, fixes) in zip(replies, self._calls, strict=True):
@@ -735,23 +738,22 @@ class Discovery:
                         reach = km / _REDIS_SCALE - _FLOAT_KM
                         if n >= count:  # cut by COUNT: complete to just short of the last
                             truncated = True
-                            last = pos + 3 * (n - 1)
-                            last_km = haversine_km(
-                                e_lat, e_lng, float(reply[last + 2]), float(reply[last + 1])
-                            )
+                            last_lng, last_lat = decode(int(reply[pos + 2 * n - 1]))
+                            last_km = haversine_km(e_lat, e_lng, last_lat, last_lng)
                             reach = min(reach, last_km - _FLOAT_KM)
                         covered = min(covered, reach - extra_km)
-                    for k in range(pos, pos + 3 * n, 3):
+                    for k in range(pos, pos + n):
                         member = reply[k]
                         if member not in seen:
                             seen.add(member)
-                            rlng, rlat = radians(float(reply[k + 1])), radians(float(reply[k + 2]))
+                            m_lng, m_lat = decode(int(reply[k + n]))
+                            rlng, rlat = radians(m_lng), radians(m_lat)
                             m_cos = cos(rlat)
                             s_lat = sin((rlat - c_rlat) * 0.5)
                             s_lng = sin((rlng - c_rlng) * 0.5)
                             a = s_lat * s_lat + c_cos * m_cos * s_lng * s_lng
                             rows.append((_km_of(a), member, rlat, rlng, m_cos))
-                    pos += 3 * n
+                    pos += 2 * n
         rows.sort()
         ids = [sys.intern(r[1]) for r in rows]
         cost = _ENTRY_BYTES + len(ids) * _CANDIDATE_BYTES + sum(map(sys.getsizeof, ids))
@@ -799,7 +801,7 @@ class Discovery:
         async def one(keys: tuple[str, ...], fixes: tuple[str, ...]) -> int:
             read = 0
             for _ in range(ADVANCE_CALLS):
-                reply = await self.store.run("search_geo", keys, (ADVANCE_CHUNK, 0, 0, "", *fixes))
+                reply = await self.store.run("search_geo", keys, (ADVANCE_CHUNK, 0, 0, *fixes, 0))
                 read += int(reply[2])
                 if not int(reply[1]):
                     break

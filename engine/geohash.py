@@ -22,6 +22,7 @@ ever smaller radii, one rung per step.
 from __future__ import annotations
 
 import math
+from array import array
 from typing import NamedTuple
 
 LAT_MIN, LAT_MAX = -85.05112878, 85.05112878  # Redis GEO_LAT_MIN / GEO_LAT_MAX
@@ -172,3 +173,40 @@ def boxes_km2(lat: float, step: int) -> float:
     height = (LAT_MAX - LAT_MIN) / (1 << step) * km_per_deg
     width = (LNG_MAX - LNG_MIN) / (1 << step) * km_per_deg * math.cos(math.radians(lat))
     return 9 * height * max(width, 1e-9)
+
+
+def _split_table() -> array[int]:
+    """For each 16-bit word: its even bits as a byte, then its odd bits as a byte."""
+    table = array("H", bytes(2 << 16))
+    for x in range(1 << 16):
+        even = odd = 0
+        for i in range(8):
+            even |= ((x >> (2 * i)) & 1) << i
+            odd |= ((x >> (2 * i + 1)) & 1) << i
+        table[x] = even | (odd << 8)
+    return table
+
+
+_SPLIT = _split_table()
+_LAT_SCALE, _LNG_SCALE = LAT_MAX - LAT_MIN, LNG_MAX - LNG_MIN
+_CELLS = float(1 << STEP_MAX)
+
+
+def decode(score: int) -> tuple[float, float]:
+    """``(lng, lat)`` of a stored score: its box's centre, as ``GEOPOS``/``WITHCOORD``
+    give it (``geohashDecodeWGS84`` then ``geohashDecodeAreaToLongLat``, to the bit)."""
+    t = _SPLIT
+    a, b, c, d = (
+        t[score & 0xFFFF],
+        t[(score >> 16) & 0xFFFF],
+        t[(score >> 32) & 0xFFFF],
+        t[score >> 48],
+    )
+    row = (a & 0xFF) | (b & 0xFF) << 8 | (c & 0xFF) << 16 | (d & 0xFF) << 24
+    col = a >> 8 | (b >> 8) << 8 | (c >> 8) << 16 | (d >> 8) << 24
+    lat_lo = LAT_MIN + (row * 1.0 / _CELLS) * _LAT_SCALE
+    lat_hi = LAT_MIN + ((row + 1) * 1.0 / _CELLS) * _LAT_SCALE
+    lng_lo = LNG_MIN + (col * 1.0 / _CELLS) * _LNG_SCALE
+    lng_hi = LNG_MIN + ((col + 1) * 1.0 / _CELLS) * _LNG_SCALE
+    lat, lng = (lat_lo + lat_hi) / 2, (lng_lo + lng_hi) / 2
+    return min(max(lng, LNG_MIN), LNG_MAX), min(max(lat, LAT_MIN), LAT_MAX)

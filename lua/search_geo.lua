@@ -7,15 +7,14 @@
 -- ARGV[1]  timeline chunk: due starts, and due ends, handled per partition at most
 -- ARGV[2]  COUNT: members returned per partition and centre at most (the nearest)
 -- ARGV[3]  scan budget: members the boxes of a radius searched in one partition may hold
--- ARGV[4]  centres: '' (only move the timelines on), or
---          'lng lat want extra / km km2 lo hi lo hi ... / km km2 lo hi ... ; lng lat ...'
---          per centre: the members wanted per partition (0: the widest radius within
---          budget) and the km any radius needs on top of the one that should hold them,
---          then a ladder of radii (km as GEOSEARCH measures), widest first, each with
---          the area of its boxes (km2) and the score ranges [lo, hi) of every geohash
---          box GEOSEARCH may read for it (engine/geohash.py): the counts in those boxes
---          never grow down a ladder, nor for a smaller radius at the same rung.
--- ARGV[5..] per partition, the deal hash name prefix fs:{pNN}:deal:
+-- ARGV[4..] per partition, the deal hash name prefix fs:{pNN}:deal:
+-- then     the number of centres (0: only move the timelines on), and per centre:
+--          lng, lat, members wanted per partition (0: the widest radius within budget),
+--          km any radius needs on top of the one that should hold them (as GEOSEARCH
+--          measures), the number of rungs, then per rung (widest first): radius (km as
+--          GEOSEARCH measures), area of its boxes (km2), the number of boxes' score
+--          ranges, then each range's lo and hi ([lo, hi), engine/geohash.py). The counts
+--          in a rung's boxes never grow down a ladder, nor for a smaller radius.
 --
 -- The timeline: scheduled deals whose start has come (by this node's clock) enter the
 -- geo index if still claimable (their hash exists, is not cancelled, has stock left and
@@ -29,13 +28,13 @@
 -- radius if the boxes of the narrowest rung covering it hold at most ARGV[3] of its
 -- members (one ZCOUNT over the score range enclosing them, or one per box if that is
 -- over), else the widest rung whose boxes do (a binary search down the ladder), with
--- GEOSEARCH ... COUNT ARGV[2] ASC WITHCOORD: it reads at most ARGV[3] members and
--- returns at most ARGV[2].
+-- GEOSEARCH ... COUNT ARGV[2] ASC: it reads at most ARGV[3] members and returns at most
+-- ARGV[2], whose scores (their 52-bit geohashes: where the index puts them) follow.
 --
 -- Returns {now_ms, backlog, deal hashes read,
 --          then per partition, per centre: radius searched (km as GEOSEARCH measures, a
 --          string; '0' if no rung fits the budget), members counted in the boxes it may
---          read, n, then n x (member, lng, lat), nearest first}
+--          read, n, then n members nearest first, then their n scores}
 -- backlog is 1 when due starts or ends may be left for a later call.
 local DENSITY_ROUNDS = 3
 local t = redis.call('TIME')
@@ -49,7 +48,7 @@ if chunk > 0 then
     local geo, starts, ends = KEYS[3 * p + 1], KEYS[3 * p + 2], KEYS[3 * p + 3]
     local due = redis.call('ZRANGEBYSCORE', starts, '-inf', now, 'LIMIT', 0, chunk)
     for _, id in ipairs(due) do
-      local d = redis.call('HMGET', ARGV[5 + p] .. id, 'lat', 'lng', 'left', 'cancelled', 'ends')
+      local d = redis.call('HMGET', ARGV[4 + p] .. id, 'lat', 'lng', 'left', 'cancelled', 'ends')
       read = read + 1
       if d[1] and not d[4] and tonumber(d[3] or 0) > 0 and tonumber(d[5] or 0) > now then
         redis.call('GEOADD', geo, d[2], d[1], id)
@@ -106,18 +105,25 @@ local function covering(ladder, k, km)
   return k
 end
 
+-- The centres and their ladders, from ARGV.
 local centres = {}
-for text in string.gmatch(ARGV[4], '[^;]+') do
+local a = 4 + partitions
+local ncentres = tonumber(ARGV[a] or 0)
+a = a + 1
+for _ = 1, ncentres do
+  local head = {ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])}
   local parts = {}
-  for part in string.gmatch(text, '[^/]+') do
-    local words = {}
-    for w in string.gmatch(part, '%S+') do
-      words[#words + 1] = w
+  a = a + 5
+  for r = 1, tonumber(ARGV[a - 1]) do
+    local ranges = tonumber(ARGV[a + 2])
+    local rung = {ARGV[a], ARGV[a + 1]}
+    for i = 1, 2 * ranges do
+      rung[2 + i] = ARGV[a + 2 + i]
     end
-    parts[#parts + 1] = words
+    parts[r] = rung
+    a = a + 3 + 2 * ranges
   end
-  local head = table.remove(parts, 1)
-  local want, extra = tonumber(head[3]), tonumber(head[4])
+  local want, extra = head[3], head[4]
   -- The radius to search, from the first partition's density (or the widest rung).
   local radius, pick = tonumber(parts[1][1]), 1
   if want > 0 and partitions > 0 then
@@ -168,15 +174,16 @@ for p = 0, partitions - 1 do
     if pick <= #ladder then
       local km = string.format('%.17g', radius)
       local found = redis.call('GEOSEARCH', geo, 'FROMLONLAT', centre.lng, centre.lat,
-        'BYRADIUS', km, 'km', 'COUNT', count, 'ASC', 'WITHCOORD')
+        'BYRADIUS', km, 'km', 'COUNT', count, 'ASC')
       out[n + 1], out[n + 2], out[n + 3] = km, c, #found
       n = n + 3
-      for i = 1, #found do
-        local row = found[i]
-        out[n + 1] = row[1]
-        out[n + 2] = row[2][1]
-        out[n + 3] = row[2][2]
-        n = n + 3
+      if #found > 0 then
+        local scores = redis.call('ZMSCORE', geo, unpack(found))
+        for i = 1, #found do
+          out[n + i] = found[i]
+          out[n + #found + i] = scores[i]
+        end
+        n = n + 2 * #found
       end
     else
       out[n + 1], out[n + 2], out[n + 3] = '0', c, 0

@@ -73,6 +73,25 @@ async def test_scores_are_the_ones_redis_stores(store: Store) -> None:
         assert int(await store.client.zscore(key, f"m{i}")) == score(lng, lat), (lng, lat)
 
 
+async def test_decoding_a_score_gives_the_coordinates_redis_gives(store: Store) -> None:
+    """``decode`` is ``GEOPOS`` (and ``WITHCOORD``), edges included: to 1e-14 degrees,
+    for Redis prints 17 places after the point (``%.17Lf``) and ``decode`` is exact."""
+    rnd = random.Random(8)
+    points = [(rnd.uniform(-180, 180), rnd.uniform(-LAT_MAX, LAT_MAX)) for _ in range(300)]
+    points += [(180.0, 0.0), (-180.0, 0.0), (0.0, LAT_MAX), (0.0, -LAT_MAX), (180.0, LAT_MAX)]
+    key = store.keys.all_geo()[0]
+    await store.client.geoadd(key, [x for i, (lng, lat) in enumerate(points)
+                                    for x in (lng, lat, f"m{i}")])  # fmt: skip
+    names = [f"m{i}" for i in range(len(points))]
+    positions = await store.client.geopos(key, *names)
+    for name, (lng, lat), pos in zip(names, points, positions, strict=True):
+        stored = int(await store.client.zscore(key, name))
+        assert stored == score(lng, lat)
+        d_lng, d_lat = geohash.decode(stored)
+        assert d_lng == pytest.approx(float(pos[0]), rel=0, abs=1e-14), (lng, lat)
+        assert d_lat == pytest.approx(float(pos[1]), rel=0, abs=1e-14), (lng, lat)
+
+
 @pytest.mark.timeout(120)
 async def test_every_member_geosearch_returns_lies_in_the_counted_boxes(store: Store) -> None:
     """For each rung of each ladder, GEOSEARCH at the rung's radius finds nothing outside
