@@ -188,25 +188,17 @@ def _split_table() -> array[int]:
 
 
 _SPLIT = _split_table()
-_LAT_SCALE, _LNG_SCALE = LAT_MAX - LAT_MIN, LNG_MAX - LNG_MIN
-_CELLS = float(1 << STEP_MAX)
+_LAT_CELL = (LAT_MAX - LAT_MIN) / (1 << STEP_MAX)  # a box's size at step 26, degrees
+_LNG_CELL = (LNG_MAX - LNG_MIN) / (1 << STEP_MAX)
 
 
 def decode(score: int) -> tuple[float, float]:
     """``(lng, lat)`` of a stored score: its box's centre, as ``GEOPOS``/``WITHCOORD``
-    give it (``geohashDecodeWGS84`` then ``geohashDecodeAreaToLongLat``, to the bit)."""
+    give it (``geohashDecodeWGS84``, ``geohashDecodeAreaToLongLat``) to 1e-12 degrees."""
     t = _SPLIT
-    a, b, c, d = (
-        t[score & 0xFFFF],
-        t[(score >> 16) & 0xFFFF],
-        t[(score >> 32) & 0xFFFF],
-        t[score >> 48],
-    )
+    a, b, c, d = t[score & 0xFFFF], t[score >> 16 & 0xFFFF], t[score >> 32 & 0xFFFF], t[score >> 48]
     row = (a & 0xFF) | (b & 0xFF) << 8 | (c & 0xFF) << 16 | (d & 0xFF) << 24
     col = a >> 8 | (b >> 8) << 8 | (c >> 8) << 16 | (d >> 8) << 24
-    lat_lo = LAT_MIN + (row * 1.0 / _CELLS) * _LAT_SCALE
-    lat_hi = LAT_MIN + ((row + 1) * 1.0 / _CELLS) * _LAT_SCALE
-    lng_lo = LNG_MIN + (col * 1.0 / _CELLS) * _LNG_SCALE
-    lng_hi = LNG_MIN + ((col + 1) * 1.0 / _CELLS) * _LNG_SCALE
-    lat, lng = (lat_lo + lat_hi) / 2, (lng_lo + lng_hi) / 2
-    return min(max(lng, LNG_MIN), LNG_MAX), min(max(lat, LAT_MIN), LAT_MAX)
+    lat = LAT_MIN + (row + 0.5) * _LAT_CELL
+    lng = LNG_MIN + (col + 0.5) * _LNG_CELL
+    return min(lng, LNG_MAX), min(lat, LAT_MAX)
