@@ -1,13 +1,14 @@
 -- search_geo: partition geo indexes near one or more centres, at a cost known and
 -- bounded before it is paid; each partition's timeline is moved on first.
 --
--- KEYS     per partition, three keys (on a Redis Cluster, one partition per call):
---          geo index fs:{pNN}:geo, scheduled deals fs:{pNN}:geo:starts (deal id by
---          starts ms), indexed deals' ends fs:{pNN}:geo:ends (deal id by ends ms)
+-- Per partition p = 0, 1, ... of the call (on a Redis Cluster, one partition per call):
+-- KEYS[3p+1]  geo index             fs:{pNN}:geo
+-- KEYS[3p+2]  scheduled deals       fs:{pNN}:geo:starts   (deal id by starts ms)
+-- KEYS[3p+3]  indexed deals' ends   fs:{pNN}:geo:ends     (deal id by ends ms)
 -- ARGV[1]  timeline chunk: due starts, and due ends, handled per partition at most
 -- ARGV[2]  COUNT: members returned per partition and centre at most (the nearest)
 -- ARGV[3]  scan budget: members the boxes of a radius searched in one partition may hold
--- ARGV[4..] per partition, the deal hash name prefix fs:{pNN}:deal:
+-- ARGV[4+p] partition p's deal hash name prefix fs:{pNN}:deal:
 -- then     the number of centres (0: only move the timelines on), and per centre:
 --          lng, lat, members wanted per partition (0: the widest radius within budget),
 --          km any radius needs on top of the one that should hold them (as GEOSEARCH
