@@ -14,6 +14,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from starlette.applications import Starlette
 
 from api import deals, discovery, errors, me, ops, till, vouchers
+from api.archive import Archive
 from api.auth import Authenticator
 from api.fastpath import ClaimFastPath
 from api.jsonio import BodyDeadline
@@ -59,6 +60,7 @@ def create_app(settings: Settings) -> Starlette:
                 signer=VoucherSigner(settings.signing_keys_dir),
                 discovery=finder,
                 records=records,
+                archive=Archive(records) if records is not None else None,
             )
             app.state.services = svc
             for area_lifespan in _LIFESPANS:

@@ -105,14 +105,43 @@ async def create(request: Request) -> Response:
 
 
 async def read(request: Request) -> Response:
-    deal = await get_deal(services(request).store, _deal_id(request))
+    svc = services(request)
+    deal_id = _deal_id(request)
+    try:
+        deal = await get_deal(svc.store, deal_id)
+    except DealNotFound:
+        # Not in Redis: archived (docs/lifecycle.md), or no such deal.
+        archived = await svc.archive.deal(deal_id) if svc.archive is not None else None
+        if archived is None:
+            raise
+        deal = archived
     return json({"deal": deal.to_json()})
+
+
+async def _claim(svc: Services, deal_id: str, user_id: str) -> claims.ClaimResult:
+    """The race in Redis; a deal Redis does not have may be archived: PostgreSQL answers."""
+    try:
+        return await claims.claim(svc.store, deal_id, user_id)
+    except DealNotFound:
+        if svc.archive is None:
+            raise
+        return await svc.archive.claim(deal_id, user_id)
 
 
 async def cancel(request: Request) -> Response:
     svc = services(request)
     caller = svc.auth.require(request.headers.get("authorization"), "merchant")
-    deal = await cancel_deal(svc.store, _deal_id(request), caller.id)
+    deal_id = _deal_id(request)
+    try:
+        deal = await cancel_deal(svc.store, deal_id, caller.id)
+    except DealNotFound:
+        # An archived deal's record is final (it ended long ago): answered, not changed.
+        archived = await svc.archive.deal(deal_id) if svc.archive is not None else None
+        if archived is None:
+            raise
+        if archived.merchant_id != caller.id:
+            raise Forbidden("Only the merchant who owns this deal may cancel it.") from None
+        deal = archived
     return json({"deal": deal.to_json()})
 
 
@@ -135,7 +164,7 @@ async def claim(scope: Scope, receive: Receive, send: Send) -> None:
         deal_id = scope["path_params"]["deal_id"]
         if not valid_id(deal_id):
             raise DealNotFound(deal_id=deal_id[:64])
-        result = await claims.claim(svc.store, deal_id, caller.id)
+        result = await _claim(svc, deal_id, caller.id)
     except (ClientError, Unavailable) as exc:
         if not isinstance(exc, Unauthenticated | Forbidden):
             svc.metrics.claimed(exc.code)

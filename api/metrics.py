@@ -73,6 +73,19 @@ class Metrics:
             registry=self.registry,
             multiprocess_mode="max",
         )
+        self.deals_archived = Gauge(
+            "flashsale_deals_archived",
+            "Deals archived: left Redis, kept in PostgreSQL (read at scrape).",
+            registry=self.registry,
+            multiprocess_mode="max",
+        )
+        self.deals_due = Gauge(
+            "flashsale_deals_due",
+            "Deals past their archive time still in Redis (read at scrape): a number that "
+            "keeps growing means no archiver runs, or deals wait for the persister.",
+            registry=self.registry,
+            multiprocess_mode="max",
+        )
 
         self._claim_children: dict[str, Any] = {}
 

@@ -12,6 +12,7 @@ from starlette.routing import Route
 from api.jsonio import json
 from api.openapi import document
 from api.services import services
+from engine.archive import count_due
 from engine.errors import Unavailable
 from engine.streams import stream_lag
 
@@ -53,11 +54,17 @@ async def metrics(request: Request) -> Response:
     lag = await _lag_or_none(request)
     if lag is not None:
         svc.metrics.stream_lag.set(lag)
+    with contextlib.suppress(Unavailable):  # Redis away: keep the last value
+        # One ZCOUNT per partition, in one round trip.
+        svc.metrics.deals_due.set(await count_due(svc.store, await svc.store.server_time_ms()))
     if svc.records is not None:
         with contextlib.suppress(Unavailable):  # PostgreSQL away: keep the last value
             dead = await svc.records.dead_letter_count()
             if dead is not None:
                 svc.metrics.dead_letters.set(dead)
+    if svc.archive is not None:
+        with contextlib.suppress(Unavailable):
+            svc.metrics.deals_archived.set(await svc.archive.archived_count())
     return Response(svc.metrics.render(), media_type=svc.metrics.content_type)
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from starlette.requests import Request
 
+from api.archive import Archive
 from api.auth import Authenticator
 from api.metrics import Metrics
 from api.records import Records
@@ -35,6 +36,7 @@ class Services:
     signer: VoucherSigner
     discovery: Discovery
     records: Records | None = None  # None without FLASHSALE_DATABASE_URL
+    archive: Archive | None = None  # archived deals, from PostgreSQL (with ``records``)
 
 
 def services(request: Request) -> Services:

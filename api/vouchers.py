@@ -71,6 +71,8 @@ async def _visible(request: Request, *, holder_only: bool) -> HeldVoucher:
     caller = svc.auth.caller(request.headers.get("authorization"))
     voucher_id: str = request.path_params["voucher_id"]
     held = await read_voucher(svc.store, voucher_id) if valid_id(voucher_id) else None
+    if held is None and svc.archive is not None and valid_id(voucher_id):
+        held = await svc.archive.voucher(voucher_id)  # its deal may be archived
     if held is not None:
         v = held.voucher
         if caller.role == "user" and caller.id == v.user_id:
@@ -111,7 +113,7 @@ async def redeem(request: Request) -> Response:
     f = Fields(await read_json_object(request), {"token"})
     token = f.string("token", required=True, min_len=1, max_len=MAX_TOKEN_CHARS)
     f.done()
-    result = await redemptions.redeem(svc.store, svc.signer, token, caller.id)
+    result = await redemptions.redeem(svc.store, svc.signer, token, caller.id, svc.archive)
     return json({"redemption": result.to_json()})
 
 
@@ -134,7 +136,7 @@ async def sync(request: Request) -> Response:
     assert device_id is not None and isinstance(entries, list)
     try:
         results = await redemptions.sync(
-            svc.store, svc.signer, caller.id, device_id, entries, valid_id
+            svc.store, svc.signer, caller.id, device_id, entries, valid_id, svc.archive
         )
     except ValueError as exc:  # pragma: no cover - the size is checked above
         raise InvalidRequest(str(exc)) from None

@@ -4,14 +4,15 @@ Every asyncpg exception that the API or the persister can meet is judged here:
 
 - PostgreSQL cannot be reached, went away mid-transaction, or cannot serve for now
   (statement cancelled or timed out, disk full, out of memory, I/O error, shutting down,
-  a read-only standby after a failover), or its schema has not been migrated yet
+  a read-only standby after a failover), or its schema has not been migrated yet (an
+  undefined table or column: the code runs ahead of ``flashsale migrate``)
   -> ``DatabaseUnavailable`` (503 for the API; the persister retries the same batch later);
 - a transient clash between transactions (deadlock, serialization, a lock not available)
   -> ``Transient`` (retry at once);
 - PostgreSQL refused the data itself (bad encoding, out of range, cardinality,
   constraint) -> ``Refused`` (the persister isolates the entry and dead-letters it).
 
-Anything else (a syntax error, a wrong column) is our bug: it propagates unchanged.
+Anything else (a syntax error, a wrong type) is our bug: it propagates unchanged.
 """
 
 from __future__ import annotations
@@ -51,8 +52,9 @@ BROKEN_CONNECTION: tuple[type[BaseException], ...] = (
 DOWN_SQLSTATE_CLASSES = ("08", "53", "57", "58")
 # A read-only transaction: a standby after a failover, or default_transaction_read_only.
 READ_ONLY_SQLSTATE = "25006"
-# The schema is not there (deployed before `flashsale migrate` ran).
-UNDEFINED_TABLE_SQLSTATE = "42P01"
+# The schema is not there (deployed before `flashsale migrate` ran): a table, or a column
+# a later migration adds (deals.archived_at, 0002).
+NOT_MIGRATED_SQLSTATES = ("42P01", "42703")
 TRANSIENT: tuple[type[BaseException], ...] = (
     asyncpg.DeadlockDetectedError,
     asyncpg.SerializationError,
@@ -104,7 +106,7 @@ async def translated() -> AsyncIterator[None]:
     except asyncpg.PostgresError as exc:
         if is_down(exc):
             raise DatabaseUnavailable() from exc
-        if _sqlstate(exc) == UNDEFINED_TABLE_SQLSTATE:
+        if _sqlstate(exc) in NOT_MIGRATED_SQLSTATES:
             raise DatabaseUnavailable(NOT_MIGRATED) from exc
         if is_refused(exc):
             raise Refused(f"{type(exc).__name__}: {exc}") from exc

@@ -24,6 +24,9 @@ SCHEDULED, ACTIVE, SOLD_OUT, ENDED, CANCELLED = (
 MAX_WINDOW_MS = 30 * MS_PER_DAY  # ends_at - starts_at
 MAX_REDEEM_AFTER_END_MS = 90 * MS_PER_DAY  # redeem_until - ends_at
 DEFAULT_REDEEM_AFTER_END_MS = 7 * MS_PER_DAY
+# Lifecycle (docs/lifecycle.md): the backstop deadline on a deal's keys comes at least this
+# long, and at least the grace, after the archiver may first take the deal.
+ARCHIVE_BACKSTOP_MIN_MS = 7 * MS_PER_DAY
 # A deal's place: the latitude band a Redis geo index can hold (its longitude is any).
 LAT_MAX = 85.05112878
 LNG_MAX = 180.0
@@ -167,6 +170,17 @@ def deal_status(now_ms: int, starts_ms: int, ends_ms: int, left: int, cancelled:
     return ACTIVE
 
 
+def archive_times(redeem_until_ms: int, grace_ms: int) -> tuple[int, int]:
+    """``(archive time, deadline)`` of a deal: the archiver may take it from the first
+    (``redeem_until`` + grace); its Redis keys expire at the second if none did.
+
+    The rule: the deadline is the archive time + max(grace, 7 days), so it never comes
+    before every archiver had a whole grace period (and at least a week) to take the deal.
+    """
+    due = redeem_until_ms + grace_ms
+    return due, due + max(grace_ms, ARCHIVE_BACKSTOP_MIN_MS)
+
+
 def _pairs(flat: list[Any]) -> dict[str, str]:
     return dict(zip(flat[::2], flat[1::2], strict=True))
 
@@ -175,9 +189,10 @@ async def create_deal(store: Store, new: NewDeal, deal_id: str | None = None) ->
     """Store a deal, index it for discovery and log it for the persister."""
     deal_id = deal_id or new_deal_id()
     k = store.keys.for_deal(deal_id)
+    due, deadline = archive_times(new.redeem_until_ms, int(store.settings.archive_grace_s * 1000))
     outcome, _created = await store.run(
         "create_deal",
-        (k.deal, k.events, k.geo, k.geo_starts, k.geo_ends),
+        (k.deal, k.events, k.geo, k.geo_starts, k.geo_ends, k.archive),
         (
             store.settings.stream_cap,
             deal_id,
@@ -190,6 +205,8 @@ async def create_deal(store: Store, new: NewDeal, deal_id: str | None = None) ->
             new.starts_at_ms,
             new.ends_at_ms,
             new.redeem_until_ms,
+            due,
+            deadline,
         ),
     )
     if outcome == "backlog_full":

@@ -29,6 +29,7 @@ class DealKeys:
     geo: str
     geo_starts: str
     geo_ends: str
+    archive: str
 
 
 def tag(partition: int) -> str:
@@ -69,6 +70,17 @@ def deal_key_prefix(partition: int) -> str:
     return f"{PREFIX}:{tag(partition)}:deal:"
 
 
+def archive_key(partition: int) -> str:
+    """The partition's deals by archive time (a ZSET: deal id -> redeem_until + grace, ms)."""
+    return f"{PREFIX}:{tag(partition)}:archive"
+
+
+def archiver_lease_key() -> str:
+    """Taken by the persister that starts an archive pass; lapses after the archive interval
+    (one pass per interval over all persisters; not a safety, two at once are safe)."""
+    return f"{PREFIX}:archiver:lease"
+
+
 def geo_sweep_key(partition: int) -> str:
     """The lease that lets one API process at a time sweep a partition's geo index."""
     return f"{PREFIX}:{tag(partition)}:geo:sweep"
@@ -99,6 +111,7 @@ class KeySpace:
             geo=geo_key(p),
             geo_starts=geo_starts_key(p),
             geo_ends=geo_ends_key(p),
+            archive=archive_key(p),
         )
 
     def all_events(self) -> list[str]:
@@ -109,18 +122,24 @@ class KeySpace:
         """Every partition geo index."""
         return [geo_key(p) for p in range(self.partitions)]
 
+    def all_archive(self) -> list[str]:
+        """Every partition's archive index."""
+        return [archive_key(p) for p in range(self.partitions)]
+
     def deal_pattern(self) -> str:
         """A SCAN pattern matching every deal hash."""
         return f"{PREFIX}:*:deal:*"
 
 
-def sync_entries_key(merchant_id: str) -> str:
-    """A merchant's offline-sync entries: entry id -> the first result (a hash, one slot).
+def sync_entries_key(merchant_id: str, month: str) -> str:
+    """A merchant's offline-sync entries about vouchers expiring in ``month`` (``YYYYMM``):
+    entry id -> the first result (a hash, one slot; it expires with its month, see
+    ``engine/redemptions.py``).
 
     The id is hex-encoded: a caller id may hold any character, and must never make this
     name match another pattern (``deal_pattern``) or pick a hash tag.
     """
-    return f"{PREFIX}:sync:{merchant_id.encode().hex()}"
+    return f"{PREFIX}:sync:{merchant_id.encode().hex()}:{month}"
 
 
 def merchant_feed_key(partition: int, merchant_id: str) -> str:

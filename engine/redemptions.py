@@ -8,8 +8,12 @@ later redemption by another entry is a conflict, logged for review.
 A voucher's first accepted redemption is kept in its deal's redemptions hash as
 :func:`redemption_value` (``at|device|entry|merchant``); :func:`parse_redemption` reads it.
 
-Sync uploads are idempotent per ``(merchant, entry_id)``: a per-merchant hash keeps the
-first result of each entry that named a voucher of this merchant. An entry refused before
+Sync uploads are idempotent per ``(merchant, entry_id)``: per-merchant hashes keep the
+first result of each entry that named a voucher of this merchant, one hash per month in
+which those vouchers expire (the token's ``exp``: signed, so trustworthy once verified,
+and at most 120 days after the claim), each kept until :data:`SYNC_RESULTS_KEPT_MS` after
+its month ends and never renewed: a merchant's sync state is bounded in time, however
+often it uploads. An entry refused before
 that (no entry id, no valid voucher, another merchant's voucher) leaves nothing behind and
 is judged afresh if sent again, so that nothing a merchant uploads grows the server's
 state beyond its own vouchers. The order is check, redeem, record; a crash between redeem
@@ -20,7 +24,7 @@ Bounds, whatever a merchant uploads:
 
 - kept results: at most :data:`MAX_KEPT_PER_VOUCHER` entries per voucher (its first
   accepted redemption is kept beyond it), counted in the same hash (``#<voucher>``), so
-  a merchant's sync hash holds at most ``(MAX_KEPT_PER_VOUCHER + 2)`` fields per voucher
+  a merchant's sync hashes hold at most ``(MAX_KEPT_PER_VOUCHER + 2)`` fields per voucher
   of its own that its entries named. An entry past that quota gets its answer like any
   other (in practice ``conflict``: the voucher's first redemption is always kept) but
   leaves nothing, so it is judged afresh if sent again: the contract's codes are kept.
@@ -30,18 +34,24 @@ Bounds, whatever a merchant uploads:
   another entry, so a voucher logs at most the quota's worth of conflicts per upload
   (concurrent uploads of one voucher may each log theirs before the quota is recorded).
 - CPU: each distinct token string in an upload is verified once (ES256 is ~0.1 ms).
+
+A voucher whose deal was archived (docs/lifecycle.md) is no longer in Redis: the script
+answers ``unknown``, and an :class:`ArchivedVouchers` (PostgreSQL, given by the API)
+decides it by the same rules, so that a late upload gets the answer it would have got.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
-from engine import feed
+from engine import base64url, feed
 from engine.errors import (
     AlreadyRedeemed,
     BacklogFull,
@@ -50,15 +60,17 @@ from engine.errors import (
 )
 from engine.keys import merchant_feed_key, sync_entries_key
 from engine.store import Store
-from engine.times import parse_rfc3339, to_rfc3339
+from engine.times import MS_PER_DAY, parse_rfc3339, to_rfc3339
 
 if TYPE_CHECKING:  # engine.vouchers reads redemption values with parse_redemption
     from engine.vouchers import VoucherSigner, VoucherToken
 
 MAX_SYNC_ENTRIES = 1000
-# A merchant's entry results are kept this long after its last upload: longer than any
-# voucher lives (120 days), so a re-sent entry is always recognised while it matters.
-SYNC_ENTRIES_TTL_S = 180 * 86_400
+# A merchant's entry results are kept this long after the end of the month in which their
+# voucher expires (API.md: 180 days). A result that has gone is judged afresh if its entry
+# comes again, with the same answer: accepted (the first redemption names this entry),
+# conflict, or the same rejection.
+SYNC_RESULTS_KEPT_MS = 180 * MS_PER_DAY
 # Verify this many tokens, then let other requests run (a token costs ~0.1 ms of CPU).
 _VERIFY_SLICE = 64
 # Entries naming one voucher whose results a merchant's sync hash keeps, at most.
@@ -93,6 +105,25 @@ def parse_redemption(value: str) -> tuple[int, str, str, str]:
     return int(at), device_id, entry_id, merchant_id
 
 
+class ArchivedVouchers(Protocol):
+    """Decides redemptions of vouchers whose deal has left Redis, as ``redeem_voucher.lua``
+    would have (``api/archive.py``, in PostgreSQL)."""
+
+    async def redeem(
+        self,
+        verified: VoucherToken,
+        merchant_id: str,
+        device_id: str,
+        entry_id: str,
+        at_ms: int | None,
+        now_ms: int,
+        drift_ms: int,
+    ) -> tuple[str, int, int] | None:
+        """``(outcome, at_ms, first_at_ms)`` as the script returns them; None if the
+        voucher's deal is not archived (Redis's ``unknown`` stands)."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class Redemption:
     """An accepted online redemption."""
@@ -115,6 +146,7 @@ async def _run(
     device_id: str,
     entry_id: str,
     at_ms: int | None,
+    archive: ArchivedVouchers | None,
 ) -> tuple[str, int, int]:
     k = store.keys.for_deal(verified.deal_id)
     # Online, the time is Redis's own clock: no device drift to allow for.
@@ -145,11 +177,22 @@ async def _run(
     )
     if outcome == "backlog_full":
         raise BacklogFull()
+    if outcome == "unknown" and archive is not None:
+        now = await store.server_time_ms()
+        decided = await archive.redeem(
+            verified, merchant_id, device_id, entry_id, at_ms, now, drift_ms
+        )
+        if decided is not None:
+            return decided
     return str(outcome), int(at), int(first_at)
 
 
 async def redeem(
-    store: Store, signer: VoucherSigner, token: object, merchant_id: str
+    store: Store,
+    signer: VoucherSigner,
+    token: object,
+    merchant_id: str,
+    archive: ArchivedVouchers | None = None,
 ) -> Redemption:
     """Redeem a voucher now, at ``merchant_id``'s till.
 
@@ -159,7 +202,7 @@ async def redeem(
     verified = signer.verify(token)  # type: ignore[arg-type]
     if verified.merchant_id != merchant_id:
         raise NotYourVoucher()
-    outcome, at, first_at = await _run(store, verified, merchant_id, "", "", None)
+    outcome, at, first_at = await _run(store, verified, merchant_id, "", "", None, archive)
     if outcome == ACCEPTED:
         return Redemption(verified.voucher_id, at)
     if outcome == "already":
@@ -281,7 +324,12 @@ def _check(
 
 
 async def _redeem_in_order(
-    store: Store, entries: list[_Entry], merchant_id: str, device_id: str, room: int
+    store: Store,
+    entries: list[_Entry],
+    merchant_id: str,
+    device_id: str,
+    room: int,
+    archive: ArchivedVouchers | None,
 ) -> None:
     """Redeem one voucher's entries in the order sent: the earlier one is first.
 
@@ -309,7 +357,7 @@ async def _redeem_in_order(
                 entry.unkept = True
                 continue
         outcome, _at, first_at = await _run(
-            store, entry.verified, merchant_id, device_id, entry.entry_id, entry.at_ms
+            store, entry.verified, merchant_id, device_id, entry.entry_id, entry.at_ms, archive
         )
         if outcome == ACCEPTED:
             first, first_ms = (entry.entry_id, merchant_id), first_at
@@ -347,6 +395,7 @@ async def sync(
     device_id: str,
     raw_entries: Sequence[object],
     valid_id: Any,
+    archive: ArchivedVouchers | None = None,
 ) -> list[dict[str, Any]]:
     """Apply an offline log; one result per entry, in the order sent.
 
@@ -357,14 +406,24 @@ async def sync(
     if len(raw_entries) > MAX_SYNC_ENTRIES:
         raise ValueError(f"at most {MAX_SYNC_ENTRIES} entries")
     entries = [_parse(raw, i, valid_id) for i, raw in enumerate(raw_entries)]
-    key = sync_entries_key(merchant_id)
 
-    # 1. Entries this merchant sent before: the first result stands.
-    ids = list(dict.fromkeys(e.entry_id for e in entries if e.entry_id is not None))
+    # 1. Entries this merchant sent before: the first result stands. Each is looked up in
+    #    the month its token says the voucher expires (unverified: a forged exp only picks
+    #    which hash is read, at most one per entry).
+    by_key: dict[str, list[str]] = {}
+    for e in entries:
+        if e.entry_id is not None and e.result is None:
+            exp_s = _peek_exp_s(e.token)
+            if exp_s is not None:
+                by_key.setdefault(sync_results_key(merchant_id, exp_s), []).append(e.entry_id)
     known: dict[str, Any] = {}
-    if ids:
-        values = await store.hmget(key, *ids)
-        known = {i: v for i, v in zip(ids, values, strict=True) if v is not None}
+    if by_key:
+        pipe = store.pipeline()
+        keys = list(by_key.items())
+        for key, ids in keys:
+            pipe.hmget(key, *ids)
+        for (_key, ids), values in zip(keys, await pipe.execute(), strict=True):
+            known.update({i: v for i, v in zip(ids, values, strict=True) if v is not None})
     first_in_batch: dict[str, _Entry] = {}
     later_in_batch: list[_Entry] = []
     for entry in entries:
@@ -394,13 +453,22 @@ async def sync(
         if entry.result is None and entry.verified is not None:
             by_voucher.setdefault(entry.verified.voucher_id, []).append(entry)
     if by_voucher:
-        counts = await store.hmget(key, *(_count_field(v) for v in by_voucher))
+        # A voucher's results and its count live in the hash of the month it expires (its
+        # verified exp: every token of one voucher carries the same).
+        pipe = store.pipeline()
+        for voucher_id, group in by_voucher.items():
+            verified = group[0].verified
+            assert verified is not None
+            pipe.hget(
+                sync_results_key(merchant_id, verified.expires_at_s), _count_field(voucher_id)
+            )
+        counts = await pipe.execute()
         rooms = [MAX_KEPT_PER_VOUCHER - int(c or 0) for c in counts]
         # gather, not a TaskGroup: a TaskGroup wraps StoreUnavailable / BacklogFull in an
         # ExceptionGroup, which would surface as a 500 instead of their 503.
         outcomes = await asyncio.gather(
             *(
-                _redeem_in_order(store, group, merchant_id, device_id, room)
+                _redeem_in_order(store, group, merchant_id, device_id, room, archive)
                 for group, room in zip(by_voucher.values(), rooms, strict=True)
             ),
             return_exceptions=True,
@@ -412,21 +480,25 @@ async def sync(
     # 4. Record the first results that are kept, within each voucher's quota (exactly:
     #    concurrent uploads meet in one script); the others are judged afresh when sent
     #    again. An entry a concurrent upload recorded first keeps that upload's result.
-    kept = [
-        entry
-        for entry in fresh
-        if entry.result is not None and _kept(entry.result) and not entry.unkept
-    ]
+    #    One script call per month's hash (the hashes have no common hash tag: on a
+    #    cluster they may live on different nodes); each expires at a fixed time, the
+    #    same on every write: never renewed.
+    kept: dict[str, list[_Entry]] = {}
+    for entry in fresh:
+        if entry.result is not None and _kept(entry.result) and not entry.unkept:
+            assert entry.verified is not None  # kept results named a verified voucher
+            key = sync_results_key(merchant_id, entry.verified.expires_at_s)
+            kept.setdefault(key, []).append(entry)
     if kept:
-        args: list[Any] = [MAX_KEPT_PER_VOUCHER, SYNC_ENTRIES_TTL_S]
-        for entry in kept:
-            assert entry.result is not None and entry.verified is not None
-            packed = _pack(entry.result, _first_ms(entry.result))
-            accepted = "1" if entry.result["status"] == ACCEPTED else "0"
-            args += [entry.entry_id, entry.verified.voucher_id, packed, accepted]
         # An entry the script does not keep (a concurrent upload filled the quota first)
         # stays answered but not remembered, like any entry past the quota.
-        await store.run("record_sync", (key,), args)
+        recorded = await asyncio.gather(
+            *(_record(store, key, group) for key, group in kept.items()),
+            return_exceptions=True,
+        )
+        for outcome in recorded:
+            if isinstance(outcome, BaseException):
+                raise outcome
     for entry in later_in_batch:
         assert entry.entry_id is not None
         first = first_in_batch[entry.entry_id].result
@@ -440,9 +512,61 @@ async def sync(
     return out
 
 
+async def _record(store: Store, key: str, entries: list[_Entry]) -> None:
+    """Keep these entries' first results in one month's sync hash (``record_sync.lua``)."""
+    first = entries[0].verified
+    assert first is not None
+    expires_at_ms = _month_end_ms(_month(first.expires_at_s)) + SYNC_RESULTS_KEPT_MS
+    args: list[Any] = [MAX_KEPT_PER_VOUCHER, expires_at_ms]
+    for entry in entries:
+        assert entry.result is not None and entry.verified is not None
+        packed = _pack(entry.result, _first_ms(entry.result))
+        accepted = "1" if entry.result["status"] == ACCEPTED else "0"
+        args += [entry.entry_id, entry.verified.voucher_id, packed, accepted]
+    await store.run("record_sync", (key,), args)
+
+
 def _count_field(voucher_id: str) -> str:
     """The sync-hash field counting a voucher's kept entries (``record_sync.lua``)."""
     return "#" + voucher_id
+
+
+def _peek_exp_s(token: object) -> int | None:
+    """The ``exp`` a token's payload claims, unverified (None if there is none to read)."""
+    from engine.vouchers import MAX_TIME_S, MAX_TOKEN_CHARS  # engine.vouchers imports us
+
+    if not isinstance(token, str) or len(token) > MAX_TOKEN_CHARS:
+        return None
+    parts = token.strip().split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        payload = orjson.loads(base64url.decode(parts[1]))
+    except (ValueError, orjson.JSONDecodeError):
+        return None
+    exp = payload.get("exp") if isinstance(payload, dict) else None
+    if not isinstance(exp, int) or isinstance(exp, bool) or not 0 <= exp <= MAX_TIME_S:
+        return None
+    return exp
+
+
+def sync_results_key(merchant_id: str, expires_at_s: int) -> str:
+    """Where a merchant's results about vouchers expiring at ``expires_at_s`` are kept."""
+    return sync_entries_key(merchant_id, _month(expires_at_s))
+
+
+def _month(exp_s: int) -> str:
+    """``YYYYMM`` (UTC) of a time in seconds."""
+    return time.strftime("%Y%m", time.gmtime(exp_s))
+
+
+def _month_end_ms(month: str) -> int:
+    """The first instant after ``month`` (``YYYYMM``), in ms."""
+    year, mon = int(month[:4]), int(month[4:])
+    year, mon = (year + 1, 1) if mon == 12 else (year, mon + 1)
+    if year > 9999:  # a voucher expiring in December 9999
+        return 253_402_300_800_000
+    return int(datetime(year, mon, 1, tzinfo=UTC).timestamp() * 1000)
 
 
 def _kept(result: dict[str, Any]) -> bool:

@@ -151,6 +151,15 @@ class Settings:
     # A request body not received in full this long after the request's head is 408
     # (API.md says 10 seconds; FLASHSALE_BODY_TIMEOUT, for a deployment that must differ).
     body_timeout_s: float = 10.0
+    # Lifecycle (docs/lifecycle.md): a deal leaves Redis once redeem_until + this has passed
+    # and PostgreSQL holds all of it. Stamped on each deal when it is created (its archive
+    # time and its keys' deadline), so a change applies to deals created afterwards.
+    archive_grace_s: float = 14 * 86_400.0
+    archive_interval_s: float = 60.0  # how often a persister looks for due deals
+    archive_batch: int = 500  # due deals checked per partition and step
+    # The share of wall time an archive pass may work: after each chunk it rests for the
+    # rest, so that it runs beside the claim race without taking its CPU (docs/lifecycle.md).
+    archive_work_fraction: float = 0.2
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -163,6 +172,8 @@ class Settings:
             )
         retention = env.get("FLASHSALE_STREAM_RETENTION")
         body_timeout = env.get("FLASHSALE_BODY_TIMEOUT")
+        grace = env.get("FLASHSALE_ARCHIVE_GRACE")
+        archive_every = env.get("FLASHSALE_ARCHIVE_INTERVAL")
         keys_dir = env.get("FLASHSALE_KEYS_DIR")
         prepublish = env.get("FLASHSALE_KEY_PREPUBLISH")
         return cls(
@@ -188,6 +199,8 @@ class Settings:
             rate_address_per_s=_int(env, "FLASHSALE_RATE_ADDRESS", 0, 0, 1_000_000),
             trusted_proxies=parse_networks(env.get("FLASHSALE_TRUSTED_PROXIES") or ""),
             body_timeout_s=parse_duration_s(body_timeout) if body_timeout else 10.0,
+            archive_grace_s=parse_duration_s(grace) if grace else 14 * 86_400.0,
+            archive_interval_s=parse_duration_s(archive_every) if archive_every else 60.0,
         )
 
     @property

@@ -71,6 +71,7 @@ SCRIPT_NAMES = (
     "release_lease",
     "limit_rate",
     "record_sync",
+    "archive_deal",
 )
 
 # (stream, entry id, fields); fields is None for an entry deleted while pending.
@@ -272,6 +273,22 @@ class Store:
         with _translated():
             cursor, items = await self.client.zscan(key, cursor, count=count)
         return int(cursor), [member for member, _score in items]
+
+    async def zrange_by_score(
+        self, key: str, max_score: int, *, offset: int = 0, count: int
+    ) -> list[str]:
+        """Members scored at most ``max_score``, lowest first: ``count`` from ``offset``."""
+        with _translated():
+            members = await self.client.zrangebyscore(
+                key, "-inf", max_score, start=offset, num=count
+            )
+        return [str(m) for m in members]
+
+    async def hscan(self, key: str, cursor: int, *, count: int) -> tuple[int, dict[str, str]]:
+        """One ``HSCAN`` step: (next cursor, 0 at the end; fields and values)."""
+        with _translated():
+            cursor, items = await self.client.hscan(key, cursor, count=count)
+        return int(cursor), dict(items)
 
     async def scan_keys(self, pattern: str, *, limit: int | None = None) -> list[str]:
         """Keys matching ``pattern`` (``SCAN``; on a cluster, every primary), unordered."""
@@ -526,8 +543,22 @@ class Pipeline:
     def hlen(self, key: str) -> None:
         self._pipe.hlen(key)
 
+    def hkeys(self, key: str) -> None:
+        self._pipe.hkeys(key)
+
     def expire(self, key: str, seconds: int) -> None:
         self._pipe.expire(key, seconds)
+
+    def expire_at_ms(self, key: str, at_ms: int) -> None:
+        """``PEXPIREAT``."""
+        self._pipe.pexpireat(key, at_ms)
+
+    def zadd(self, key: str, member: str, score: int) -> None:
+        self._pipe.zadd(key, {member: score})
+
+    def zcount(self, key: str, max_score: int) -> None:
+        """Members scored at most ``max_score``."""
+        self._pipe.zcount(key, "-inf", max_score)
 
     def geoadd(self, key: str, lng: float, lat: float, member: str) -> None:
         self._pipe.geoadd(key, (lng, lat, member))

@@ -96,6 +96,12 @@ def _rebuild_redis(*, force: bool) -> int:
     return asyncio.run(cli.rebuild_redis(wiring.resolve(), force=force))
 
 
+def _archive(*, dry_run: bool) -> int:
+    from persister import cli
+
+    return asyncio.run(cli.archive(wiring.resolve(), dry_run=dry_run))
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="flashsale",
@@ -139,6 +145,10 @@ def _parser() -> argparse.ArgumentParser:
     reb = sub.add_parser("rebuild-redis", help="restore Redis from PostgreSQL after data loss")
     reb.add_argument("--force", action="store_true", help="even if Redis is not empty")
     reb.set_defaults(handler=_rebuild_redis)
+
+    arc = sub.add_parser("archive", help="archive the deals due now (the persister does it too)")
+    arc.add_argument("--dry-run", action="store_true", help="only say what would be archived")
+    arc.set_defaults(handler=_archive)
 
     tok = sub.add_parser("token", help="print a caller token (HS256 JWT)")
     tok.add_argument("--role", required=True, choices=("user", "merchant", "admin"))

@@ -14,6 +14,8 @@
 -- outcome is
 --   'claimed' | 'already'   (voucher fields set)
 --   'not_found' | 'cancelled' | 'not_started' | 'ended' | 'sold_out' | 'backlog_full'
+-- A new voucher's hashes take the deal hash's deadline (PEXPIRETIME: the archiver's
+-- backstop, see create_deal), so that nothing of the deal outlives it.
 -- Checks run in the API's order: a holder gets its voucher back whatever the deal's
 -- state; then existence, cancellation, the time window (Redis's clock), stock, backlog.
 local held = redis.call('HGET', KEYS[2], ARGV[1])
@@ -47,6 +49,11 @@ left = redis.call('HINCRBY', KEYS[1], 'left', -1)
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2] .. '|' .. seq .. '|' .. now)
 redis.call('HSET', KEYS[5], ARGV[2], ARGV[1])
+local deadline = redis.call('PEXPIRETIME', KEYS[1])
+if deadline > 0 then
+  redis.call('PEXPIREAT', KEYS[2], deadline)
+  redis.call('PEXPIREAT', KEYS[5], deadline)
+end
 redis.call('XADD', KEYS[3], '*',
   'type', 'claim', 'deal', ARGV[4], 'seq', seq, 'voucher', ARGV[2], 'user', ARGV[1], 'at', now)
 if left <= 0 then

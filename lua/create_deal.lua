@@ -10,10 +10,14 @@
 -- KEYS[3]  partition geo index  fs:{pNN}:geo
 -- KEYS[4]  scheduled deals      fs:{pNN}:geo:starts   (deal id by starts ms)
 -- KEYS[5]  indexed deals' ends  fs:{pNN}:geo:ends     (deal id by ends ms)
+-- KEYS[6]  partition archive index  fs:{pNN}:archive   deal id -> archive time ms
 -- ARGV[1]  stream cap (entries)
 -- ARGV[2]  deal id      ARGV[3] merchant id   ARGV[4] title   ARGV[5] description
 -- ARGV[6]  lat          ARGV[7] lng           ARGV[8] inventory total
 -- ARGV[9]  starts_at ms ARGV[10] ends_at ms   ARGV[11] redeem_until ms
+-- ARGV[12] archive time ms (redeem_until + grace): the archiver takes the deal from then
+-- ARGV[13] deadline ms, later than ARGV[12]: the deal hash expires then (PEXPIREAT) if no
+--          archiver took it; the deal's other keys take the same deadline when created
 --
 -- Returns {outcome, created_at_ms}; outcome is 'created' | 'exists' | 'backlog_full'.
 if redis.call('EXISTS', KEYS[1]) == 1 then
@@ -28,6 +32,8 @@ redis.call('HSET', KEYS[1],
   'merchant', ARGV[3], 'title', ARGV[4], 'desc', ARGV[5],
   'lat', ARGV[6], 'lng', ARGV[7], 'total', ARGV[8], 'left', ARGV[8], 'seq', 0,
   'starts', ARGV[9], 'ends', ARGV[10], 'redeem', ARGV[11], 'created', now)
+redis.call('PEXPIREAT', KEYS[1], ARGV[13])
+redis.call('ZADD', KEYS[6], ARGV[12], ARGV[2])
 if tonumber(ARGV[9]) > now then
   redis.call('ZADD', KEYS[4], ARGV[9], ARGV[2])
 elseif tonumber(ARGV[10]) > now then

@@ -1,13 +1,14 @@
 -- record_sync: remember the first results of a merchant's synced entries, at most a
 -- fixed number per voucher, so that a merchant's sync state is bounded by its vouchers.
 --
--- KEYS[1]  the merchant's sync hash  fs:sync:<hex merchant>
+-- KEYS[1]  the merchant's sync hash of one month  fs:sync:<hex merchant>:<YYYYMM>
+--            (the month its vouchers expire in: every voucher named here expires in it)
 --            <entry id>    -> the entry's first result (packed JSON, engine/redemptions.py)
 --            #<voucher id> -> how many entries naming that voucher are kept (entry ids
 --                             are URL-safe: none starts with '#')
 -- ARGV[1]  kept entries per voucher, at most (an accepted one is kept beyond it: there is
 --          at most one per voucher, the first redemption)
--- ARGV[2]  time to live of the hash, s (renewed)
+-- ARGV[2]  when the hash expires, ms (PEXPIREAT: the same on every write, never renewed)
 -- ARGV[3..] groups of four: entry id, voucher id, packed result, '1' if accepted else '0'
 --
 -- Returns one integer per group, in order: 1 kept; 0 not kept (the voucher has its
@@ -32,6 +33,6 @@ for i = 3, #ARGV, 4 do
   end
 end
 if kept then
-  redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
+  redis.call('PEXPIREAT', KEYS[1], ARGV[2])
 end
 return out

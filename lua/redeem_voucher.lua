@@ -25,11 +25,15 @@
 -- may hold any character. PostgreSQL's redemptions row (redeemed_at, device_id, entry_id,
 -- merchant_id) restores it.
 --
+-- The redemptions hash takes the claimers hash's deadline (the deal's, see create_deal).
+--
 -- Feed entry (each first accepted redemption, nothing else; engine/feed.py feed_fields):
 --   voucher <id>  at <redeemed at, ms>  device <device id, '' online>
 -- The feed stream expires when the last voucher it names does (but never sooner than
 -- ARGV[12] from now: an offline redemption synced after its voucher expired must not
--- delete the stream).
+-- delete the stream). It is the merchant's, shared by all its deals in the partition: it
+-- takes no deal's deadline and archive_deal leaves it; its own expiry (the latest voucher
+-- exp it names, at most the longest voucher life) removes it after the last one.
 --
 -- Returns {outcome, at_ms, first_at_ms}; outcome is
 --   'accepted'       the first redemption (at_ms = first_at_ms = its time), or the same
@@ -95,6 +99,10 @@ if redis.call('XLEN', KEYS[4]) >= tonumber(ARGV[10]) then
   return {'backlog_full', at, 0}
 end
 redis.call('HSET', KEYS[1], ARGV[1], at .. '|' .. ARGV[5] .. '|' .. ARGV[6] .. '|' .. ARGV[4])
+local deadline = redis.call('PEXPIRETIME', KEYS[3])
+if deadline > 0 then
+  redis.call('PEXPIREAT', KEYS[1], deadline)
+end
 redis.call('XADD', KEYS[4], '*',
   'type', 'redeem', 'deal', ARGV[2], 'voucher', ARGV[1], 'merchant', ARGV[4],
   'at', at, 'device', ARGV[5], 'entry', ARGV[6])

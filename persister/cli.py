@@ -1,4 +1,4 @@
-"""Persister commands: persist, migrate, replay, reconcile, rebuild-redis.
+"""Persister commands: persist, migrate, replay, reconcile, rebuild-redis, archive.
 
 Each is ``async def f(settings, *, option=...) -> int``, the command's options as keyword
 arguments and its exit code as the result; ``flashsale/cli.py`` runs them. A command that
@@ -125,8 +125,33 @@ async def rebuild_redis(settings: Settings, *, force: bool = False) -> int:
     async with _connected(settings) as (store, db):
         out = await run_rebuild(store, db, force=force)
     skipped = f"; {len(out.skipped)} incomplete deal(s) skipped" if out.skipped else ""
+    if out.archived:
+        skipped += f"; {out.archived} archived deal(s) left in PostgreSQL"
     print(
         f"restored {out.deals} deal(s), {out.vouchers} voucher(s), {out.redemptions} "
         f"redemption(s); {out.indexed} deal(s) indexed for discovery{skipped}"
     )
+    return ExitCode.OK
+
+
+async def archive(settings: Settings, *, dry_run: bool = False) -> int:
+    """Archive the deals due now (``dry_run``: only say which); print what it did."""
+    from persister.archive import archive_due
+
+    async with _connected(settings) as (store, db):
+        run = await archive_due(
+            store,
+            db,
+            dry_run=dry_run,
+            batch=settings.archive_batch,
+            work_fraction=settings.archive_work_fraction,
+        )
+    verb = "would archive" if dry_run else "archived"
+    for deal_id in run.archived:
+        print(f"{verb} {deal_id}")
+    for deal_id in run.expired:
+        print(f"{verb} {deal_id} (its Redis keys had reached their deadline)")
+    for deal_id, why in sorted(run.waiting.items()):
+        print(f"waiting {deal_id}: {why}")
+    print(run.summary())
     return ExitCode.OK

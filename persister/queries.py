@@ -118,7 +118,7 @@ SELECT_DEALS = """
 SELECT id, merchant_id, title, description, lat, lng, inventory_total,
        fs_to_ms(starts_at) AS starts, fs_to_ms(ends_at) AS ends,
        fs_to_ms(redeem_until) AS redeem, fs_to_ms(created_at) AS created,
-       fs_to_ms(cancelled_at) AS cancelled
+       fs_to_ms(cancelled_at) AS cancelled, archived_at IS NOT NULL AS archived
 FROM deals
 WHERE id > $1
 ORDER BY id

@@ -2,7 +2,10 @@
 
 After Redis lost its data: each deal hash (``left`` = total - issued, ``seq`` at least
 the highest issued), its claimers and vouchers hashes (so earlier winners get their
-same voucher back), its first redemptions, and the geo index of deals still claimable.
+same voucher back), its first redemptions, the geo index of deals still claimable, and
+the archive index with each deal's key deadline (at least ``max(grace, 7 days)`` away, so
+that a deal overdue for archiving is archived, not expired). Archived deals are left
+alone: PostgreSQL answers for them.
 Claims that were acknowledged by Redis but not yet persisted are gone with Redis
 (unless ``FLASHSALE_DURABILITY=aof``, where Redis keeps them itself).
 """
@@ -15,7 +18,7 @@ from typing import Any
 
 from database.pool import Database
 from engine.claims import holder_value
-from engine.deals import DealHash
+from engine.deals import ARCHIVE_BACKSTOP_MIN_MS, DealHash, archive_times
 from engine.errors import StartupError
 from engine.redemptions import redemption_value
 from engine.store import Store
@@ -36,6 +39,7 @@ class Rebuilt:
     vouchers: int = 0
     redemptions: int = 0
     indexed: int = 0
+    archived: int = 0  # left alone
     skipped: list[str] = field(default_factory=list)
 
 
@@ -54,7 +58,7 @@ async def rebuild_redis(store: Store, db: Database, *, force: bool = False) -> R
     while True:
         async with db.connection() as conn:
             deals = await conn.fetch(queries.SELECT_DEALS, after, CHUNK)
-            ids = [d["id"] for d in deals]
+            ids = [d["id"] for d in deals if not d["archived"]]
             vouchers = await conn.fetch(queries.SELECT_VOUCHERS_OF_DEALS, ids)
             redemptions = await conn.fetch(queries.SELECT_REDEMPTIONS_OF_DEALS, ids)
         await _write_chunk(store, deals, vouchers, redemptions, now_ms, force, out)
@@ -80,7 +84,9 @@ async def _write_chunk(
         redeemed.setdefault(r["deal_id"], []).append(r)
     complete = []
     for d in deals:
-        if d["merchant_id"] is None:
+        if d["archived"]:
+            out.archived += 1
+        elif d["merchant_id"] is None:
             # Only its cancellation reached PostgreSQL: nothing to rebuild it from.
             out.skipped.append(d["id"])
             log.error("deal %s has no creation record in PostgreSQL: not restored", d["id"])
@@ -115,6 +121,8 @@ async def _write_chunk(
             )
         pipe.hlen(k.claimers)
     issued_counts = (await pipe.execute())[-len(complete) :] if complete else []
+    grace_ms = int(store.settings.archive_grace_s * 1000)
+    floor_ms = now_ms + max(grace_ms, ARCHIVE_BACKSTOP_MIN_MS)
     pipe = store.pipeline()
     for d, issued, seq_before in zip(complete, issued_counts, existing_seq, strict=True):
         k = store.keys.for_deal(d["id"])
@@ -139,6 +147,10 @@ async def _write_chunk(
         if d["cancelled"] is not None:
             fields[DealHash.CANCELLED] = d["cancelled"]
         pipe.hset(k.deal, mapping=fields)
+        due, deadline = archive_times(int(d["redeem"]), grace_ms)
+        for key in (k.deal, k.claimers, k.vouchers, k.redemptions):
+            pipe.expire_at_ms(key, max(deadline, floor_ms))  # a key not written: no-op
+        pipe.zadd(k.archive, d["id"], due)
         claimable = d["cancelled"] is None and d["ends"] > now_ms and left > 0
         if claimable:
             pipe.geoadd(k.geo, float(d["lng"]), float(d["lat"]), d["id"])

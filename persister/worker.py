@@ -24,6 +24,7 @@ from database.pool import Database
 from engine.errors import DatabaseUnavailable, FlashsaleError, StoreUnavailable
 from engine.settings import Settings
 from engine.store import RawEntry, Store
+from persister.archive import archive_forever
 from persister.consumer import Consumer, ensure_groups
 from persister.events import Entry, Parsed, parse
 from persister.leases import lease_consumer_name, release_lease, renew_lease
@@ -326,11 +327,18 @@ async def run_persister(settings: Settings, stop: asyncio.Event | None = None) -
         if lease is not None:
             renewer = asyncio.create_task(_renew(store, settings, *lease, persister))
         watcher = asyncio.create_task(_stop_when(stop, persister)) if stop else None
+        # The archiver works beside the drain loop (docs/lifecycle.md); stopped with it.
+        archiver_stop = asyncio.Event()
+        archiver = asyncio.create_task(archive_forever(settings, store, db, archiver_stop))
         try:
             stats = await persister.run()
         finally:
             if watcher is not None:
                 watcher.cancel()
+            archiver_stop.set()
+            archiver.cancel()  # a pass cut anywhere is safe: marked first, removed after
+            with contextlib.suppress(BaseException):
+                await archiver
         if renewer is not None and renewer.done() and not renewer.cancelled():
             renewer.result()  # raises NameLost: the name was lost, we stopped consuming
         return stats

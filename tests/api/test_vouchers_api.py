@@ -15,8 +15,9 @@ import redis
 import zxingcpp
 from PIL import Image
 
-from engine.keys import KeySpace, sync_entries_key
-from engine.redemptions import MAX_KEPT_PER_VOUCHER
+from engine.keys import KeySpace
+from engine.redemptions import MAX_KEPT_PER_VOUCHER, sync_results_key
+from engine.times import parse_rfc3339
 from engine.vouchers import rotate_key
 from tests.api.conftest import RunningApi
 from tests.vouchers.forge import forgeries, high_s, parts, public_pem, resign
@@ -303,8 +304,10 @@ def test_uploads_of_garbage_leave_the_merchants_sync_state_as_it_was(
     r = redis.Redis.from_url(api.settings.redis_url or "", decode_responses=True)
     try:
         before = _sync_state(r, api)
-        # The real entry and its voucher's count of kept entries.
-        assert before["sync_hashes"] == {sync_entries_key("m-1"): 2}
+        # The real entry and its voucher's count of kept entries, in the hash of the
+        # month the voucher expires.
+        exp_s = parse_rfc3339(voucher["expires_at"]) // 1000
+        assert before["sync_hashes"] == {sync_results_key("m-1", exp_s): 2}
         for upload in range(5):
             garbage = [
                 {"entry_id": f"g{upload}-{i}", "token": f"garbage.{i}.x", "redeemed_at": _now()}
@@ -332,7 +335,7 @@ def test_entries_refused_before_naming_a_voucher_are_judged_afresh_and_leave_not
     mine, late = (claim(client, deal["id"], api.token("user", u)) for u in ("u-1", "u-2"))
     other = create_deal(client, api.token("merchant", "m-2"))
     foreign = claim(client, other["id"], api.token("user", "u-1"))
-    key = sync_entries_key("m-1")
+    key = sync_results_key("m-1", parse_rfc3339(mine["expires_at"]) // 1000)
     r = redis.Redis.from_url(api.settings.redis_url or "", decode_responses=True)
     try:
         before = _sync_state(r, api)
@@ -421,7 +424,8 @@ def test_sync_takes_1000_entries_and_refuses_1001(
     assert {x["code"] for x in results} == {None}
     r = redis.Redis.from_url(api.settings.redis_url or "", decode_responses=True)
     try:
-        assert r.hlen(sync_entries_key("m-1")) == quota + 1  # the kept entries, their count
+        key = sync_results_key("m-1", parse_rfc3339(voucher["expires_at"]) // 1000)
+        assert r.hlen(key) == quota + 1  # the kept entries, their count
     finally:
         r.close()
     bad = client.post("/v1/redemptions/sync", json={"device_id": "a b", "entries": []},

@@ -83,6 +83,10 @@ async def _missing_table(conn: Any, other: asyncpg.Connection) -> None:
     await conn.fetchval("SELECT count(*) FROM t_never_created")
 
 
+async def _missing_column(conn: Any, other: asyncpg.Connection) -> None:
+    await conn.fetchval("SELECT column_never_added FROM pg_class LIMIT 1")
+
+
 async def _syntax_error(conn: Any, other: asyncpg.Connection) -> None:
     await conn.execute("SELEC 1")
 
@@ -96,6 +100,7 @@ CASES: dict[str, tuple[Case, type[BaseException], bool]] = {
     "deadlock (40P01)": (_deadlock, Transient, False),
     "division by zero (22012)": (_bad_data, Refused, False),
     "table not migrated (42P01)": (_missing_table, DatabaseUnavailable, False),
+    "column not migrated (42703)": (_missing_column, DatabaseUnavailable, False),
     "syntax error (42601)": (_syntax_error, asyncpg.PostgresSyntaxError, False),
 }
 USERS: dict[str, Callable[[str], Database]] = {

@@ -3,23 +3,32 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 
 from engine import claims, redemptions
 from engine.deals import create_deal
 from engine.errors import AlreadyRedeemed, BacklogFull, NotYourVoucher
-from engine.keys import sync_entries_key
 from engine.store import Store
-from engine.times import now_ms, to_rfc3339
+from engine.times import MS_PER_DAY, now_ms, to_rfc3339
 from engine.vouchers import VoucherSigner
 from tests.helpers import new_deal
 
 
-async def _voucher(store: Store, signer: VoucherSigner, user: str = "u-1") -> tuple[str, str]:
-    deal = await create_deal(store, new_deal(5))
+async def _voucher(
+    store: Store, signer: VoucherSigner, user: str = "u-1", *, redeem_days: int = 7
+) -> tuple[str, str]:
+    new = new_deal(5)
+    new = dataclasses.replace(new, redeem_until_ms=new.ends_at_ms + redeem_days * MS_PER_DAY)
+    deal = await create_deal(store, new)
     voucher = (await claims.claim(store, deal.id, user)).voucher
     return signer.sign(voucher), voucher.voucher_id
+
+
+def _sync_key(signer: VoucherSigner, token: str, merchant: str = "m-1") -> str:
+    """The merchant's sync hash for the month this voucher expires in."""
+    return redemptions.sync_results_key(merchant, signer.verify(token).expires_at_s)
 
 
 async def test_online_redemption_first_wins_and_records_the_documented_value(
@@ -48,7 +57,8 @@ async def test_a_replayed_sync_entry_is_the_same_accepted_result(store: Store) -
     at = to_rfc3339(now_ms())
     entry = {"entry_id": "e-1", "token": token, "redeemed_at": at}
     first = await redemptions.sync(store, signer, "m-1", "till-1", [entry], lambda s: True)
-    await store.client.delete(sync_entries_key("m-1"))  # the record step was lost
+    exp_s = signer.verify(token).expires_at_s
+    await store.client.delete(redemptions.sync_results_key("m-1", exp_s))  # the record was lost
     again = await redemptions.sync(store, signer, "m-1", "till-1", [entry], lambda s: True)
     assert first[0]["status"] == again[0]["status"] == "accepted"
     assert first[0]["first_redeemed_at"] == again[0]["first_redeemed_at"] == at
@@ -132,7 +142,7 @@ async def test_uploads_of_new_entry_ids_for_one_voucher_cannot_grow_the_merchant
     time and left nowhere, so the contract's statuses and codes are all a client sees."""
     signer = VoucherSigner(store.settings.signing_keys_dir)
     token, vid = await _voucher(store, signer)
-    key = sync_entries_key("m-1")
+    key = _sync_key(signer, token)
     events = store.keys.for_deal(vid.split(".", 1)[1]).events
     base_events = await store.client.xlen(events)
     at = to_rfc3339(now_ms())
@@ -173,13 +183,46 @@ async def test_an_accepted_redemption_is_kept_even_past_the_quota(store: Store) 
     bad = [{"entry_id": f"b{i}", "token": token, "redeemed_at": late} for i in range(quota + 5)]
     results = await redemptions.sync(store, signer, "m-1", "till-1", bad, _ok)
     assert [r["code"] for r in results] == ["implausible_time"] * (quota + 5)
-    assert await store.client.hlen(sync_entries_key("m-1")) == quota + 1  # past it: not kept
+    assert await store.client.hlen(_sync_key(signer, token)) == quota + 1  # past it: not kept
     good = {"entry_id": "good", "token": token, "redeemed_at": to_rfc3339(now_ms())}
     result = (await redemptions.sync(store, signer, "m-1", "till-1", [good], _ok))[0]
     assert result["status"] == "accepted"
     again = (await redemptions.sync(store, signer, "m-1", "till-1", [good], _ok))[0]
     assert (again["status"], again["first_status"]) == ("duplicate", "accepted")
-    assert await store.client.hlen(sync_entries_key("m-1")) == quota + 2
+    assert await store.client.hlen(_sync_key(signer, token)) == quota + 2
+
+
+async def test_one_upload_naming_vouchers_of_two_expiry_months_keeps_each_in_its_month(
+    store: Store,
+) -> None:
+    """Results live in the hash of the month their voucher expires: an upload naming
+    vouchers of two months records each in its own hash (one record_sync call per hash,
+    as on a cluster the hashes share no slot), each hash expiring at its own fixed time,
+    and each voucher's quota counted in its own hash."""
+    signer = VoucherSigner(store.settings.signing_keys_dir)
+    soon, _ = await _voucher(store, signer, redeem_days=7)
+    later, _ = await _voucher(store, signer, "u-2", redeem_days=60)
+    soon_key, later_key = _sync_key(signer, soon), _sync_key(signer, later)
+    assert soon_key != later_key
+    at = to_rfc3339(now_ms())
+    quota = redemptions.MAX_KEPT_PER_VOUCHER
+    entries = [
+        {"entry_id": f"{name}-{i}", "token": token, "redeemed_at": at}
+        for i in range(quota + 3)
+        for name, token in (("s", soon), ("l", later))
+    ]
+    results = await redemptions.sync(store, signer, "m-1", "till-1", entries, _ok)
+    assert [r["status"] for r in results[:2]] == ["accepted", "accepted"]
+    assert {r["status"] for r in results[2:]} == {"conflict"}
+    for key, token in ((soon_key, soon), (later_key, later)):
+        voucher_id = signer.verify(token).voucher_id
+        assert await store.client.hlen(key) == quota + 1  # its own entries and its count
+        assert await store.client.hget(key, "#" + voucher_id) == str(quota)
+        month = key.rsplit(":", 1)[1]
+        expected = redemptions._month_end_ms(month) + redemptions.SYNC_RESULTS_KEPT_MS
+        assert await store.client.pexpiretime(key) == expected
+    again = await redemptions.sync(store, signer, "m-1", "till-1", entries[:2], _ok)
+    assert [(r["status"], r["first_status"]) for r in again] == [("duplicate", "accepted")] * 2
 
 
 async def test_concurrent_uploads_for_one_voucher_keep_exactly_the_quota(store: Store) -> None:
@@ -204,7 +247,7 @@ async def test_concurrent_uploads_for_one_voucher_keep_exactly_the_quota(store: 
     assert {r["status"] for r in results} == {"accepted", "conflict"}
     # The quota's conflicts and the count field, and the accepted entry, which is kept even
     # when concurrent uploads filled the quota before it was recorded.
-    fields = await store.client.hgetall(sync_entries_key("m-1"))
+    fields = await store.client.hgetall(_sync_key(signer, token))
     assert quota + 1 <= len(fields) <= quota + 2
     accepted = next(r["entry_id"] for r in results if r["status"] == "accepted")
     assert accepted in fields
