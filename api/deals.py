@@ -171,8 +171,10 @@ async def claim(scope: Scope, receive: Receive, send: Send) -> None:
         # The storm's usual answer (409 sold_out): sent as two ASGI messages, without
         # building a Response object (the same bytes error_response would send).
         body = orjson.dumps(error_body(exc.code, exc.message, exc.details))
-        headers = [(b"content-type", b"application/json"),
-                   (b"content-length", str(len(body)).encode())]  # fmt: skip
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ]
         if isinstance(exc, Unavailable):
             headers.append((b"retry-after", str(exc.retry_after_s).encode()))
         await send({"type": "http.response.start", "status": exc.status, "headers": headers})

@@ -32,9 +32,14 @@ async def nearby(request: Request) -> Response:
     lat = query_number(params, "lat", problems, default=None, low=-LAT_MAX, high=LAT_MAX)
     lng = query_number(params, "lng", problems, default=None, low=-LNG_MAX, high=LNG_MAX)
     radius = query_number(
-        params, "radius_km", problems, default=RADIUS_DEFAULT_KM, low=0.0, high=RADIUS_MAX_KM,
+        params,
+        "radius_km",
+        problems,
+        default=RADIUS_DEFAULT_KM,
+        low=0.0,
+        high=RADIUS_MAX_KM,
         low_open=True,
-    )  # fmt: skip
+    )
     limit = query_int(params, "limit", problems, default=LIMIT_DEFAULT, low=1, high=LIMIT_MAX)
     if problems:
         names = ", ".join(sorted(problems))

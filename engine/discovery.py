@@ -162,10 +162,21 @@ class _Fixed:
             for x in (deal.id, key, merchant, deal.title, deal.description, head, mid)
         )
         return cls(
-            deal.id, key, merchant, deal.title, deal.description,
-            deal.lat, deal.lng, deal.inventory_total, deal.starts_at_ms, deal.ends_at_ms,
-            deal.redeem_until_ms, head, mid, cost,
-        )  # fmt: skip
+            deal.id,
+            key,
+            merchant,
+            deal.title,
+            deal.description,
+            deal.lat,
+            deal.lng,
+            deal.inventory_total,
+            deal.starts_at_ms,
+            deal.ends_at_ms,
+            deal.redeem_until_ms,
+            head,
+            mid,
+            cost,
+        )
 
 
 class Nearby(NamedTuple):
@@ -183,10 +194,21 @@ class Nearby(NamedTuple):
         """The deal as ``engine.deals`` reads it."""
         f = self.fixed
         return Deal(
-            f.id, f.merchant_id, f.title, f.description, f.lat, f.lng, f.total,
-            max(self.left, 0), self.seq, f.starts_ms, f.ends_ms, f.redeem_ms,
-            self.cancelled_at_ms, self.now_ms,
-        )  # fmt: skip
+            f.id,
+            f.merchant_id,
+            f.title,
+            f.description,
+            f.lat,
+            f.lng,
+            f.total,
+            max(self.left, 0),
+            self.seq,
+            f.starts_ms,
+            f.ends_ms,
+            f.redeem_ms,
+            self.cancelled_at_ms,
+            self.now_ms,
+        )
 
     @property
     def status(self) -> str:
@@ -484,9 +506,16 @@ class Discovery:
         return found
 
     async def _answer(
-        self, c: _Candidates, lat: float, lng: float, radius_km: float, limit: int,
-        budget: _Budget, *, final: bool,
-    ) -> list[Nearby] | None:  # fmt: skip
+        self,
+        c: _Candidates,
+        lat: float,
+        lng: float,
+        radius_km: float,
+        limit: int,
+        budget: _Budget,
+        *,
+        final: bool,
+    ) -> list[Nearby] | None:
         """The answer from ``c``, or ``None`` if ``c`` might miss a nearer active deal.
 
         ``final``, or with the read budget spent: the answer, cut to what is certain.
@@ -627,9 +656,14 @@ class Discovery:
         return (y, x, radius_km, limit), clat, clng, half
 
     async def _entry(
-        self, key: tuple[int, int, float, int], clat: float, clng: float, full_km: float,
-        want: float, half_diag_km: float,
-    ) -> _Candidates:  # fmt: skip
+        self,
+        key: tuple[int, int, float, int],
+        clat: float,
+        clng: float,
+        full_km: float,
+        want: float,
+        half_diag_km: float,
+    ) -> _Candidates:
         now = self.clock()
         entry = self._cache.get(key)
         if entry is not None and entry.expires_at > now:
@@ -678,9 +712,15 @@ class Discovery:
         return self._fixed_used
 
     async def _load(
-        self, lat: float, lng: float, reach_km: float, count: int, dead: set[str],
-        want: float, extra_km: float,
-    ) -> _Candidates:  # fmt: skip
+        self,
+        lat: float,
+        lng: float,
+        reach_km: float,
+        count: int,
+        dead: set[str],
+        want: float,
+        extra_km: float,
+    ) -> _Candidates:
         """The indexed deals nearest the point, up to ``reach_km``, within the bounds.
 
         One ``search_geo`` call per partition (all in one round trip): at most ``count``

@@ -99,8 +99,9 @@ def attacker(url: str, until: float, seed: int, tasks: int, counts: Any) -> None
             nonlocal done
             rnd = random.Random(seed * 100 + k)
             while time.time() < until:
-                await d.nearby(OCEAN[0] + rnd.uniform(-5, 5), OCEAN[1] + rnd.uniform(-5, 5),
-                               50.0, 100)  # fmt: skip
+                await d.nearby(
+                    OCEAN[0] + rnd.uniform(-5, 5), OCEAN[1] + rnd.uniform(-5, 5), 50.0, 100
+                )
                 lat, lng = city_point(rnd)  # a fresh cell: nobody asked it before
                 await d.nearby(lat, lng, 50.0, 100)
                 done += 2
@@ -119,8 +120,17 @@ async def setup(url: str, deals: int) -> str:
         await store.client.flushall()
         await fill(store, deals, random.Random(deals))
         start = now_ms() - 60_000
-        target = NewDeal("m-storm", "storm", "", 1.0, 1.0, 10_000_000, start,
-                         start + MS_PER_DAY, start + 2 * MS_PER_DAY)  # fmt: skip
+        target = NewDeal(
+            "m-storm",
+            "storm",
+            "",
+            1.0,
+            1.0,
+            10_000_000,
+            start,
+            start + MS_PER_DAY,
+            start + 2 * MS_PER_DAY,
+        )
         return (await create_deal(store, target)).id
     finally:
         await store.close()
@@ -189,8 +199,10 @@ def report(
         f"{args.attackers} processes x {args.tasks} clients, ocean + fresh city cell, "
         f"radius 50 km, limit 100; load average {os.getloadavg()[0]:.1f}\n"
     )
-    print("| phase | claims/s | p50 ms | p99 ms | max ms | Redis busy in scripts "
-          "| of which GEOSEARCH | ZCOUNT |")  # fmt: skip
+    print(
+        "| phase | claims/s | p50 ms | p99 ms | max ms | Redis busy in scripts "
+        "| of which GEOSEARCH | ZCOUNT |"
+    )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     phases = (("quiet", quiet), ("CPU control", control), ("under attack", attacked))
     for name, (rate, lat, used) in phases:

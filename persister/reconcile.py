@@ -152,31 +152,61 @@ async def _compare_chunk(
                 ("total", int(h.get(DealHash.TOTAL, -1)), pg["inventory_total"]),
             ):
                 if redis_value != pg_value:
-                    add(Difference("deal_field_differs", deal_id, detail=f"{name}: "
-                                   f"redis={redis_value!r} postgres={pg_value!r}"))  # fmt: skip
+                    add(
+                        Difference(
+                            "deal_field_differs",
+                            deal_id,
+                            detail=f"{name}: redis={redis_value!r} postgres={pg_value!r}",
+                        )
+                    )
             cancelled = h.get(DealHash.CANCELLED)
             if bool(cancelled) != (pg["cancelled"] is not None) and deal_id not in flying.deals:
-                add(Difference("deal_cancel_differs", deal_id, detail=f"redis cancelled="
-                               f"{cancelled} postgres={pg['cancelled']}"))  # fmt: skip
+                add(
+                    Difference(
+                        "deal_cancel_differs",
+                        deal_id,
+                        detail=f"redis cancelled={cancelled} postgres={pg['cancelled']}",
+                    )
+                )
         issued = int(h.get(DealHash.TOTAL, 0)) - int(h.get(DealHash.LEFT, 0))
         if issued != len(claimers):
-            add(Difference("inventory_differs", deal_id, detail=f"redis issued={issued} "
-                           f"claimers={len(claimers)}"))  # fmt: skip
+            add(
+                Difference(
+                    "inventory_differs",
+                    deal_id,
+                    detail=f"redis issued={issued} claimers={len(claimers)}",
+                )
+            )
         in_pg = pg_vouchers.get(deal_id, {})
         for vid, (user, seq, at) in claimers.items():
             row = in_pg.get(vid)
             if row is None:
                 if vid not in flying.vouchers:
-                    add(Difference("voucher_missing_in_postgres", deal_id, vid,
-                                   f"seq={seq} user={user}"))  # fmt: skip
+                    add(
+                        Difference(
+                            "voucher_missing_in_postgres", deal_id, vid, f"seq={seq} user={user}"
+                        )
+                    )
             elif (row["user_id"], row["seq"], row["claimed"]) != (user, seq, at):
-                add(Difference("voucher_differs", deal_id, vid,
-                               f"redis=({user}, {seq}, {at}) postgres=({row['user_id']}, "
-                               f"{row['seq']}, {row['claimed']})"))  # fmt: skip
+                add(
+                    Difference(
+                        "voucher_differs",
+                        deal_id,
+                        vid,
+                        f"redis=({user}, {seq}, {at}) postgres=({row['user_id']}, "
+                        f"{row['seq']}, {row['claimed']})",
+                    )
+                )
         for vid, row in in_pg.items():
             if vid not in claimers:
-                add(Difference("voucher_missing_in_redis", deal_id, vid,
-                               f"seq={row['seq']} user={row['user_id']}"))  # fmt: skip
+                add(
+                    Difference(
+                        "voucher_missing_in_redis",
+                        deal_id,
+                        vid,
+                        f"seq={row['seq']} user={row['user_id']}",
+                    )
+                )
         seqs = {row["seq"] for row in in_pg.values()} | {s for _, s, _ in claimers.values()}
         top = max([int(h.get(DealHash.SEQ, 0)), *seqs], default=0)
         gaps = sorted(set(range(1, top + 1)) - seqs)

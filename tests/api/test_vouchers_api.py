@@ -205,8 +205,9 @@ def test_sync_batch_with_every_status_is_idempotent(api: RunningApi, client: htt
         elif first["status"] != "duplicate":
             assert second["status"] == "duplicate", (first, second)
             assert (second["first_status"], second["first_code"]) == (
-                first["status"], first["code"],
-            )  # fmt: skip
+                first["status"],
+                first["code"],
+            )
     # The online view agrees: v1 redeemed, v2 (only refused entries) still issued.
     mine = client.get(f"/v1/vouchers/{v[1]['id']}", headers=auth(m1)).json()
     assert mine["status"] == "redeemed"
@@ -377,9 +378,12 @@ def test_one_voucher_on_two_offline_tills_is_one_accepted_and_one_conflict(
 
     def upload(device: str) -> None:
         with httpx.Client(base_url=api.url, timeout=10) as c:
-            results[device] = _sync(c, api, device, [
-                {"entry_id": f"{device}-1", "token": voucher["token"], "redeemed_at": _now()}
-            ])[0]  # fmt: skip
+            results[device] = _sync(
+                c,
+                api,
+                device,
+                [{"entry_id": f"{device}-1", "token": voucher["token"], "redeemed_at": _now()}],
+            )[0]
 
     threads = [threading.Thread(target=upload, args=(d,)) for d in ("till-a", "till-b")]
     for t in threads:
@@ -402,8 +406,15 @@ def test_one_voucher_on_two_offline_tills_is_one_accepted_and_one_conflict(
     conflict_event = next(e for e in events if e["type"] == "redeem_conflict")
     assert conflict_event["voucher"] == voucher["id"] and conflict_event["merchant"] == "m-1"
     assert set(conflict_event) == {
-        "type", "deal", "voucher", "merchant", "at", "device", "entry", "first_at"
-    }  # fmt: skip
+        "type",
+        "deal",
+        "voucher",
+        "merchant",
+        "at",
+        "device",
+        "entry",
+        "first_at",
+    }
     # Online, the voucher is now taken.
     assert _redeem(client, api, voucher["token"]).status_code == 409
 
@@ -413,8 +424,11 @@ def test_sync_takes_1000_entries_and_refuses_1001(
 ) -> None:
     entry = {"token": voucher["token"], "redeemed_at": _now()}
     many = [{**entry, "entry_id": f"e{i}"} for i in range(1001)]
-    r = client.post("/v1/redemptions/sync", json={"device_id": "t", "entries": many},
-                    headers=api.auth("merchant", "m-1"))  # fmt: skip
+    r = client.post(
+        "/v1/redemptions/sync",
+        json={"device_id": "t", "entries": many},
+        headers=api.auth("merchant", "m-1"),
+    )
     assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request"
     assert "entries" in r.json()["error"]["details"]["fields"]
     results = _sync(client, api, "t", many[:1000])  # over 64 KiB: the sync route allows it
@@ -428,11 +442,20 @@ def test_sync_takes_1000_entries_and_refuses_1001(
         assert r.hlen(key) == quota + 1  # the kept entries, their count
     finally:
         r.close()
-    bad = client.post("/v1/redemptions/sync", json={"device_id": "a b", "entries": []},
-                      headers=api.auth("merchant", "m-1"))  # fmt: skip
+    bad = client.post(
+        "/v1/redemptions/sync",
+        json={"device_id": "a b", "entries": []},
+        headers=api.auth("merchant", "m-1"),
+    )
     assert bad.status_code == 422
-    assert client.post("/v1/redemptions/sync", json={"device_id": "t", "entries": []},
-                       headers=api.auth("user", "u-1")).status_code == 403  # fmt: skip
+    assert (
+        client.post(
+            "/v1/redemptions/sync",
+            json={"device_id": "t", "entries": []},
+            headers=api.auth("user", "u-1"),
+        ).status_code
+        == 403
+    )
 
 
 def test_rotation_reaches_the_running_api_and_old_vouchers_keep_working(
@@ -487,15 +510,23 @@ def test_sync_with_a_full_stream_answers_503_not_500(
     """The stream at its cap refuses redemptions with 503 in a sync too (never a 500)."""
     from engine.settings import Settings
 
-    api = make_api(Settings(redis_url=own_redis.url, database_url=migrated_database_url,
-                            stream_cap=4, partitions=1))  # fmt: skip
+    api = make_api(
+        Settings(
+            redis_url=own_redis.url, database_url=migrated_database_url, stream_cap=4, partitions=1
+        )
+    )
     with httpx.Client(base_url=api.url, timeout=10) as client:
         deal = create_deal(client, api.token("merchant", "m-1"))  # event 1
         v = [claim(client, deal["id"], api.token("user", f"u-{i}")) for i in range(3)]  # 2-4
-        entries = [{"entry_id": f"e{i}", "token": x["token"], "redeemed_at": _now()}
-                   for i, x in enumerate(v)]  # fmt: skip
-        r = client.post("/v1/redemptions/sync", json={"device_id": "till-1", "entries": entries},
-                        headers=api.auth("merchant", "m-1"))  # fmt: skip
+        entries = [
+            {"entry_id": f"e{i}", "token": x["token"], "redeemed_at": _now()}
+            for i, x in enumerate(v)
+        ]
+        r = client.post(
+            "/v1/redemptions/sync",
+            json={"device_id": "till-1", "entries": entries},
+            headers=api.auth("merchant", "m-1"),
+        )
         assert r.status_code == 503, r.text
         assert r.json()["error"]["code"] == "unavailable" and "Retry-After" in r.headers
         r = _redeem(client, api, v[0]["token"])

@@ -346,8 +346,12 @@ async def test_dense_area_from_the_corner_of_a_cell_matches_brute_force(
     world = [Placed(i, a, b, s) for i, (a, b, s) in zip(ids, specs, strict=True)]
     d = discover(cell_deg=0.01)
     # Corners and the centre of one cell, then a far corner of another.
-    for lat, lng in [(52.5200001, 13.4000001), (52.5299999, 13.4099999), (52.525, 13.405),
-                     (52.5399999, 13.4399999)]:  # fmt: skip
+    for lat, lng in [
+        (52.5200001, 13.4000001),
+        (52.5299999, 13.4099999),
+        (52.525, 13.405),
+        (52.5399999, 13.4399999),
+    ]:
         for radius, limit in [(0.3, 20), (5.0, 20), (5.0, 100), (0.05, 3)]:
             found = await d.nearby(lat, lng, radius, limit)
             assert ids_and_distances(found) == brute_force(world, lat, lng, radius, limit)

@@ -18,8 +18,16 @@ from engine.geohash import LAT_MAX, ladder, redis_step, score, searched_step
 from engine.store import Store
 
 # Around the antimeridian, the poles' band edges, the equator and a city.
-PLACES = [(77.5946, 12.9716), (180.0, 0.0), (-179.99, -33.9), (10.0, LAT_MAX - 0.01),
-          (-179.999, -LAT_MAX + 0.02), (0.0, 0.0), (-0.001, 51.5), (179.9, 70.0)]  # fmt: skip
+PLACES = [
+    (77.5946, 12.9716),
+    (180.0, 0.0),
+    (-179.99, -33.9),
+    (10.0, LAT_MAX - 0.01),
+    (-179.999, -LAT_MAX + 0.02),
+    (0.0, 0.0),
+    (-0.001, 51.5),
+    (179.9, 70.0),
+]
 
 
 def test_the_step_redis_picks_for_a_radius() -> None:
@@ -67,8 +75,9 @@ async def test_scores_are_the_ones_redis_stores(store: Store) -> None:
     points = [(rnd.uniform(-180, 180), rnd.uniform(-LAT_MAX, LAT_MAX)) for _ in range(300)]
     points += [(lng + rnd.uniform(-0.01, 0.01), lat) for lng, lat in PLACES if abs(lng) < 180]
     key = store.keys.all_geo()[0]
-    await store.client.geoadd(key, [x for i, (lng, lat) in enumerate(points)
-                                    for x in (lng, lat, f"m{i}")])  # fmt: skip
+    await store.client.geoadd(
+        key, [x for i, (lng, lat) in enumerate(points) for x in (lng, lat, f"m{i}")]
+    )
     for i, (lng, lat) in enumerate(points):
         assert int(await store.client.zscore(key, f"m{i}")) == score(lng, lat), (lng, lat)
 
@@ -81,8 +90,9 @@ async def test_decoding_a_score_gives_the_coordinates_redis_gives(store: Store) 
     points = [(rnd.uniform(-180, 180), rnd.uniform(-LAT_MAX, LAT_MAX)) for _ in range(300)]
     points += [(180.0, 0.0), (-180.0, 0.0), (0.0, LAT_MAX), (0.0, -LAT_MAX), (180.0, LAT_MAX)]
     key = store.keys.all_geo()[0]
-    await store.client.geoadd(key, [x for i, (lng, lat) in enumerate(points)
-                                    for x in (lng, lat, f"m{i}")])  # fmt: skip
+    await store.client.geoadd(
+        key, [x for i, (lng, lat) in enumerate(points) for x in (lng, lat, f"m{i}")]
+    )
     names = [f"m{i}" for i in range(len(points))]
     positions = await store.client.geopos(key, *names)
     for name, (lng, lat), pos in zip(names, points, positions, strict=True):
@@ -115,9 +125,16 @@ async def test_every_member_geosearch_returns_lies_in_the_counted_boxes(store: S
             counts = []
             for rung in ladder(lng, lat, km):
                 found = await c.execute_command(
-                    "GEOSEARCH", key, "FROMLONLAT", repr(lng), repr(lat), "BYRADIUS",
-                    repr(rung.radius_km), "km", "WITHHASH",
-                )  # fmt: skip
+                    "GEOSEARCH",
+                    key,
+                    "FROMLONLAT",
+                    repr(lng),
+                    repr(lat),
+                    "BYRADIUS",
+                    repr(rung.radius_km),
+                    "km",
+                    "WITHHASH",
+                )
                 for name, h in found:
                     assert any(lo <= int(h) < hi for lo, hi in rung.ranges), (lng, lat, km, name)
                 counts.append(sum([await c.zcount(key, lo, f"({hi}") for lo, hi in rung.ranges]))

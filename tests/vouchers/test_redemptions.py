@@ -66,8 +66,11 @@ async def test_a_replayed_sync_entry_is_the_same_accepted_result(store: Store) -
     events = [f for _id, f in await store.client.xrange(k.events) if f["type"] == "redeem"]
     assert len(events) == 1
     assert {k: events[0][k] for k in ("merchant", "device", "entry", "voucher")} == {
-        "merchant": "m-1", "device": "till-1", "entry": "e-1", "voucher": vid,
-    }  # fmt: skip
+        "merchant": "m-1",
+        "device": "till-1",
+        "entry": "e-1",
+        "voucher": vid,
+    }
     # Now recorded: a third upload is a duplicate of the first result.
     third = await redemptions.sync(store, signer, "m-1", "till-1", [entry], lambda s: True)
     assert third[0]["status"] == "duplicate" and third[0]["first_status"] == "accepted"
