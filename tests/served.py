@@ -37,6 +37,9 @@ def serve_env(settings: Settings, **extra: str) -> dict[str, str]:
         "FLASHSALE_RATE_ADDRESS": str(settings.rate_address_per_s),
         "FLASHSALE_TRUSTED_PROXIES": ",".join(settings.trusted_proxies),
         "FLASHSALE_BODY_TIMEOUT": f"{settings.body_timeout_s}s",
+        "FLASHSALE_ARCHIVE_GRACE": f"{settings.archive_grace_s}s",
+        "FLASHSALE_ARCHIVE_INTERVAL": f"{settings.archive_interval_s}s",
+        "FLASHSALE_KEY_PREPUBLISH": f"{settings.key_prepublish_s}s",
     }
     env.update({k: v for k, v in pairs.items() if v})
     env.update(extra)
