@@ -15,6 +15,7 @@ WORKDIR /app
 COPY pyproject.toml README.m[d] ./
 COPY engine ./engine
 COPY lua ./lua
+COPY database ./database
 COPY api ./api
 COPY persister ./persister
 COPY verifier ./verifier

@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -110,6 +111,13 @@ def test_the_dockerfile_is_slim_non_root_and_copies_what_exists() -> None:
                 assert (ROOT / path).exists(), path
         else:
             assert any(list(ROOT.glob(p)) for p in paths), source
+    # Every top-level package pyproject.toml installs is copied in (else `pip install .`
+    # fails in the image: no Docker here to find out).
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    copied = {
+        p.split("/")[0] for s in re.findall(r"^COPY (.+) \S+$", text, re.M) for p in s.split()
+    }
+    assert {p.split(".")[0] for p in packages["packages"]} <= copied
     for ignored in ("  .venv", ".git"):
         assert ignored.strip() in (ROOT / ".dockerignore").read_text()
 
