@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
@@ -9,8 +11,9 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api import fastpath
-from api.errors import error_body
+from api.errors import send_error
 from api.jsonio import json, read_json_object
+from api.ratelimit import CLAIM_LIMITS, enforce
 from api.services import Services, services
 from api.validation import Fields, valid_id
 from engine import claims
@@ -28,7 +31,15 @@ from engine.deals import (
     create_deal,
     get_deal,
 )
-from engine.errors import ClientError, DealNotFound, Forbidden, Unauthenticated, Unavailable
+from engine.errors import (
+    ClientError,
+    DealNotFound,
+    Forbidden,
+    RateLimited,
+    Unauthenticated,
+    Unavailable,
+)
+from engine.limits import Charge
 from engine.times import MS_PER_DAY, now_ms
 from engine.vouchers import voucher_json
 
@@ -118,10 +129,12 @@ async def read(request: Request) -> Response:
     return json({"deal": deal.to_json()})
 
 
-async def _claim(svc: Services, deal_id: str, user_id: str) -> claims.ClaimResult:
+async def _claim(
+    svc: Services, deal_id: str, user_id: str, limits: Sequence[Charge]
+) -> claims.ClaimResult:
     """The race in Redis; a deal Redis does not have may be archived: PostgreSQL answers."""
     try:
-        return await claims.claim(svc.store, deal_id, user_id)
+        return await claims.claim(svc.store, deal_id, user_id, limits)
     except DealNotFound:
         if svc.archive is None:
             raise
@@ -151,34 +164,43 @@ async def claim(scope: Scope, receive: Receive, send: Send) -> None:
     The hottest route by far: it skips Starlette's Request and Response objects (a
     sixth of a claim's CPU in the profile) and answers every refusal itself instead of
     unwinding through the exception middleware. Errors it does not expect still
-    propagate to the app's handlers (a 500 with a request id).
+    propagate to the app's handlers (a 500 with a request id). On one node the rate
+    limiter leaves the claim's limits in the scope, and the claim's script counts them.
     """
     svc: Services = scope["app"].state.services
+    limits: list[Charge] = scope.get(CLAIM_LIMITS, [])
     authorization = None
     for name, value in scope["headers"]:
         if name == b"authorization":
             authorization = value.decode("latin-1")
             break
     try:
-        caller = svc.auth.require(authorization, "user")
-        deal_id = scope["path_params"]["deal_id"]
-        if not valid_id(deal_id):
-            raise DealNotFound(deal_id=deal_id[:64])
-        result = await _claim(svc, deal_id, caller.id)
+        try:
+            caller = svc.auth.require(authorization, "user")
+            deal_id = scope["path_params"]["deal_id"]
+            if not valid_id(deal_id):
+                raise DealNotFound(deal_id=deal_id[:64])
+        except ClientError:
+            # Refused before the script that would have counted the limits: count them
+            # now, and a limit's refusal comes first, as for any other route.
+            refused = await enforce(svc.store, svc.metrics, limits) if limits else None
+            if refused is not None:
+                raise refused from None
+            raise
+        try:
+            result = await _claim(svc, deal_id, caller.id, limits)
+        except RateLimited as exc:
+            svc.metrics.limited(exc)
+            raise
+        except Unavailable:
+            if limits:  # the limits could not be counted either (fail open, counted)
+                svc.metrics.rate_limit_errors.inc()
+            raise
     except (ClientError, Unavailable) as exc:
-        if not isinstance(exc, Unauthenticated | Forbidden):
+        if not isinstance(exc, Unauthenticated | Forbidden | RateLimited):
             svc.metrics.claimed(exc.code)
-        # The storm's usual answer (409 sold_out): sent as two ASGI messages, without
-        # building a Response object (the same bytes error_response would send).
-        body = orjson.dumps(error_body(exc.code, exc.message, exc.details))
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-        ]
-        if isinstance(exc, Unavailable):
-            headers.append((b"retry-after", str(exc.retry_after_s).encode()))
-        await send({"type": "http.response.start", "status": exc.status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        # The storm's usual answer (409 sold_out), without building a Response object.
+        await send_error(send, exc)
         return
     svc.metrics.claimed(result.outcome)
     body = orjson.dumps(

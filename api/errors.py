@@ -11,13 +11,15 @@ import logging
 import uuid
 from typing import Any
 
+import orjson
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import Send
 
 from api.jsonio import json
-from engine.errors import FlashsaleError, RequestTimeout, Unavailable
+from engine.errors import FlashsaleError, RateLimited, RequestTimeout, Unavailable
 
 log = logging.getLogger("flashsale.api")
 
@@ -33,15 +35,31 @@ def error_body(code: str, message: str, details: dict[str, Any] | None = None) -
     return {"error": {"code": code, "message": message, "details": details or {}}}
 
 
+def _headers(exc: FlashsaleError) -> dict[str, str]:
+    if isinstance(exc, Unavailable | RateLimited):
+        return {"Retry-After": str(exc.retry_after_s)}
+    if isinstance(exc, RequestTimeout):
+        # The rest of the body may still be on its way: this connection cannot be reused.
+        return {"Connection": "close"}
+    return {}
+
+
 def error_response(exc: FlashsaleError) -> Response:
     """The JSON error answer of a deliberate error (a client's mistake or a 503)."""
-    headers = {}
-    if isinstance(exc, Unavailable):
-        headers["Retry-After"] = str(exc.retry_after_s)
-    elif isinstance(exc, RequestTimeout):
-        # The rest of the body may still be on its way: this connection cannot be reused.
-        headers["Connection"] = "close"
-    return json(error_body(exc.code, exc.message, exc.details), exc.status, headers)
+    return json(error_body(exc.code, exc.message, exc.details), exc.status, _headers(exc))
+
+
+async def send_error(send: Send, exc: FlashsaleError) -> None:
+    """``error_response``'s bytes as two ASGI messages, without a Response object: for the
+    hot answers (a claim's refusals, the rate limiter's 429) sent outside the router."""
+    body = orjson.dumps(error_body(exc.code, exc.message, exc.details))
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    headers += [(k.lower().encode(), v.encode()) for k, v in _headers(exc).items()]
+    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 async def on_flashsale_error(request: Request, exc: Exception) -> Response:

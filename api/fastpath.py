@@ -20,6 +20,18 @@ SUFFIX = "/claims"
 PATH = PREFIX + "{deal_id}" + SUFFIX
 
 
+def claim_deal_id(scope: Scope) -> str | None:
+    """The deal id of a request this middleware sends straight to the claim endpoint."""
+    if scope["method"] != "POST" or scope.get("root_path"):
+        return None
+    path: str = scope["path"]
+    if not (path.startswith(PREFIX) and path.endswith(SUFFIX)):
+        return None
+    deal_id = path[len(PREFIX) : -len(SUFFIX)]
+    # The route's own pattern is [^/]+: one non-empty segment.
+    return deal_id if deal_id and "/" not in deal_id else None
+
+
 class ClaimFastPath:
     """Pure ASGI middleware: claims straight to their endpoint, the rest to ``app``."""
 
@@ -29,15 +41,11 @@ class ClaimFastPath:
         self.handler = route.app  # the endpoint as ASGI (the claim endpoint is bare ASGI)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and not scope.get("root_path"):
-            path: str = scope["path"]
-            if path.startswith(PREFIX) and path.endswith(SUFFIX):
-                deal_id = path[len(PREFIX) : -len(SUFFIX)]
-                # The route's own pattern is [^/]+: one non-empty segment.
-                if deal_id and "/" not in deal_id:
-                    scope["route"] = self.route
-                    scope["endpoint"] = self.route.endpoint
-                    scope["path_params"] = {"deal_id": deal_id}
-                    await self.handler(scope, receive, send)
-                    return
-        await self.app(scope, receive, send)
+        deal_id = claim_deal_id(scope) if scope["type"] == "http" else None
+        if deal_id is None:
+            await self.app(scope, receive, send)
+            return
+        scope["route"] = self.route
+        scope["endpoint"] = self.route.endpoint
+        scope["path_params"] = {"deal_id": deal_id}
+        await self.handler(scope, receive, send)

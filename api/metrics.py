@@ -19,6 +19,8 @@ from prometheus_client import (
 )
 from prometheus_client import multiprocess as prom_multiprocess
 
+from engine.errors import RateLimited
+
 _LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -58,7 +60,7 @@ class Metrics:
         )
         self.rate_limit_errors = Counter(
             "flashsale_rate_limit_errors_total",
-            "Rate-limit checks Redis could not answer (the request went on: fail open).",
+            "Requests whose rate limits Redis could not check (they went on: fail open).",
             registry=self.registry,
         )
         self.stream_lag = Gauge(
@@ -95,6 +97,10 @@ class Metrics:
         if child is None:
             child = self._claim_children[outcome] = self.claims.labels(outcome)
         child.inc()
+
+    def limited(self, refused: RateLimited) -> None:
+        """Count one request refused by a rate limit, by the limit's kind."""
+        self.rate_limited.labels(refused.details["limit"]).inc()
 
     def render(self) -> bytes:
         if self.multiprocess:

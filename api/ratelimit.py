@@ -2,7 +2,8 @@
 
 A pure ASGI middleware, outside every route and the claim's fast path: a request over a
 limit is answered ``429 rate_limited`` before its body is read, its route found or any
-script run. Two limits (``engine/limits.py``), checked in one round trip:
+script run. Two limits (``engine/limits.py``), checked in one script call on one node
+(one round trip on a cluster):
 
 - per caller, on every authenticated route: the subject is the token's ``sub``. A request
   whose token does not verify is not counted here (its route answers 401 without
@@ -10,10 +11,16 @@ script run. Two limits (``engine/limits.py``), checked in one round trip:
 - per client address, on every route but ``/healthz``, ``/readyz`` and ``/metrics``.
 
 A request counts against both limits even when one of them refuses it (they are checked
-together, so that the pair costs one round trip). If Redis cannot answer, the limits
-fail open: the request goes on (a claim then gets its 503 from the claim itself; routes
-served from PostgreSQL keep working), and ``flashsale_rate_limit_errors_total`` counts
-it. Limits protect Redis; refusing everything while Redis is away would protect nothing.
+together, so that the pair costs one round trip). A claim on one node is the exception
+that keeps the rule: its limits ride in its own ``claim_voucher`` call (``CLAIM_LIMITS``),
+which counts them before it reads anything else, so that the storm's hottest request
+costs one script call, not two; a claim refused before its script runs (a merchant's
+token, a malformed deal id) is counted by ``api/deals.py`` through ``enforce`` first.
+
+If Redis cannot answer, the limits fail open: the request goes on (a claim then gets its
+503 from the claim itself; routes served from PostgreSQL keep working), and
+``flashsale_rate_limit_errors_total`` counts it. Limits protect Redis; refusing
+everything while Redis is away would protect nothing.
 
 The client address is the socket's peer, or, when the peer is a trusted proxy, the
 right-most ``X-Forwarded-For`` entry that is not a trusted proxy. An entry that is not an
@@ -26,19 +33,20 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from functools import lru_cache
-from typing import Any
 
-import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.auth import Authenticator
-from api.errors import error_body
+from api.errors import send_error
+from api.fastpath import claim_deal_id
 from api.metrics import Metrics
+from engine import limits
 from engine.errors import RateLimited, Unauthenticated, Unavailable
-from engine.limits import ADDRESS, CALLER, RateLimiter, Verdict
+from engine.limits import ADDRESS, CALLER, Charge, RateLimiter
 from engine.settings import Settings
+from engine.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +59,8 @@ PUBLIC_PATHS = frozenset(
 )
 _DEAL_PREFIX = "/v1/deals/"
 _TILL_PREFIX = "/verifier"
+# Where this middleware leaves a claim's limits for the claim's own script call (one node).
+CLAIM_LIMITS = "flashsale.claim_limits"
 # X-Forwarded-For entries read from the right, at most (a chain of proxies is short).
 MAX_FORWARDED_HOPS = 16
 IPV6_PREFIX = 64
@@ -69,6 +79,9 @@ def is_public(method: str, path: str) -> bool:
     return path.startswith(_DEAL_PREFIX) and "/" not in path[len(_DEAL_PREFIX) :]
 
 
+# Parsed addresses and their subjects, kept for the peers and proxies that come back on
+# every request (4,096 entries each, a few hundred bytes apiece, whatever clients send).
+@lru_cache(maxsize=4096)
 def _ip(text: str) -> Address | None:
     try:
         return ipaddress.ip_address(text.strip())
@@ -76,6 +89,7 @@ def _ip(text: str) -> Address | None:
         return None
 
 
+@lru_cache(maxsize=4096)
 def subject(address: Address) -> str:
     """The limited subject for an address: IPv4 as is, IPv6 by its /64."""
     if isinstance(address, ipaddress.IPv6Address):
@@ -129,7 +143,6 @@ class RateLimit:
 
     def __init__(self, app: ASGIApp, settings: Settings, metrics: Metrics) -> None:
         self.app = app
-        self.metrics = metrics
         self.caller = (
             RateLimiter.per_second(CALLER, settings.rate_caller_per_s)
             if settings.rate_caller_per_s > 0
@@ -141,41 +154,52 @@ class RateLimit:
             else None
         )
         self.clients = ClientAddress(settings.trusted_proxies)
-        self._limited = {k: metrics.rate_limited.labels(k) for k in (CALLER, ADDRESS)}
+        # On one node a claim counts its limits in its own script call (CLAIM_LIMITS).
+        self.in_claims = not settings.redis_cluster
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or (self.caller is None and self.address is None):
             await self.app(scope, receive, send)
             return
         svc = scope["app"].state.services
-        checks: list[tuple[str, Any]] = []
+        charges = self.charges(svc.auth, scope)
+        if charges and self.in_claims and claim_deal_id(scope) is not None:
+            scope[CLAIM_LIMITS] = charges
+            await self.app(scope, receive, send)
+            return
+        refused = await enforce(svc.store, svc.metrics, charges)
+        if refused is None:
+            await self.app(scope, receive, send)
+        else:
+            await send_error(send, refused)
+
+    def charges(self, auth: Authenticator, scope: Scope) -> list[Charge]:
+        """The limits this request counts against: its address's, its caller's."""
+        charges: list[Charge] = []
         path: str = scope["path"]
         if self.address is not None and path not in UNLIMITED_PATHS:
             client = scope.get("client")
             address = self.clients.of(client[0], _forwarded_for(scope)) if client else None
             if address is not None:
-                checks.append((ADDRESS, self.address.check(svc.store, subject(address))))
+                charges.append(Charge(self.address, subject(address)))
         if self.caller is not None and not is_public(scope["method"], path):
-            caller_id = _caller_id(svc.auth, scope)
+            caller_id = _caller_id(auth, scope)
             if caller_id is not None:
-                checks.append((CALLER, self.caller.check(svc.store, caller_id)))
-        refused: tuple[str, Verdict] | None = None
-        for kind, pending in checks:
-            try:
-                verdict = Verdict.of(await pending)
-            except Unavailable:
-                self.metrics.rate_limit_errors.inc()
-                continue
-            if not verdict.allowed and (
-                refused is None or verdict.retry_after_us > refused[1].retry_after_us
-            ):
-                refused = (kind, verdict)
-        if refused is None:
-            await self.app(scope, receive, send)
-            return
-        kind, verdict = refused
-        self._limited[kind].inc()
-        await _too_many(send, kind, verdict)
+                charges.append(Charge(self.caller, caller_id))
+        return charges
+
+
+async def enforce(store: Store, metrics: Metrics, charges: Sequence[Charge]) -> RateLimited | None:
+    """Count a request against ``charges``: its 429 if a limit refuses it (counted in
+    ``/metrics``), else ``None``, also when Redis cannot answer (fail open, counted)."""
+    try:
+        refused = await limits.charge(store, charges)
+    except Unavailable:
+        metrics.rate_limit_errors.inc()
+        return None
+    if refused is not None:
+        metrics.limited(refused)
+    return refused
 
 
 def _caller_id(auth: Authenticator, scope: Scope) -> str | None:
@@ -190,17 +214,3 @@ def _caller_id(auth: Authenticator, scope: Scope) -> str | None:
 
 def _forwarded_for(scope: Scope) -> list[str]:
     return [v.decode("latin-1") for n, v in scope["headers"] if n == b"x-forwarded-for"]
-
-
-async def _too_many(send: Send, kind: str, verdict: Verdict) -> None:
-    who = "caller" if kind == CALLER else "address"
-    message = f"Too many requests from this {who}; retry in {verdict.retry_after_s} s."
-    details = {"retry_after_ms": verdict.retry_after_ms, "limit": kind}
-    body = orjson.dumps(error_body(RateLimited.code, message, details))
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        (b"retry-after", str(verdict.retry_after_s).encode()),
-    ]
-    await send({"type": "http.response.start", "status": RateLimited.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})

@@ -9,6 +9,7 @@ is :class:`engine.vouchers.VoucherToken`.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from engine.errors import (
@@ -20,10 +21,12 @@ from engine.errors import (
     FlashsaleError,
     SoldOut,
 )
+from engine.limits import Charge, limit_args, refusal
 from engine.store import Store
 
 CLAIMED = "claimed"
 ALREADY = "already"
+RATE_LIMITED = "rate_limited"
 
 # Refusals, by the script's outcome; the API's order of precedence lives in the script.
 _REFUSALS: dict[str, type[FlashsaleError]] = {
@@ -34,6 +37,13 @@ _REFUSALS: dict[str, type[FlashsaleError]] = {
     "sold_out": SoldOut,
     "backlog_full": BacklogFull,
 }
+
+
+def limiting_in_claims(store: Store) -> bool:
+    """Whether a claim's rate limits ride in its own script call: on one node, where its
+    limiter keys may sit beside its deal's (on a cluster each limiter key is its own
+    slot, and the limits are a call of their own before the claim)."""
+    return not store.settings.redis_cluster
 
 
 def new_voucher_id(deal_id: str) -> str:
@@ -85,19 +95,30 @@ class ClaimResult:
         return CLAIMED if self.is_new else ALREADY
 
 
-async def claim(store: Store, deal_id: str, user_id: str) -> ClaimResult:
+async def claim(
+    store: Store, deal_id: str, user_id: str, limits: Sequence[Charge] = ()
+) -> ClaimResult:
     """Take one voucher for ``user_id``, or return the one they hold.
 
-    Raises the refusal's error (``SoldOut``, ``DealEnded``...) or ``StoreUnavailable``.
+    ``limits``: rate limits to count this request against first, in the same call (one
+    node only: ``limiting_in_claims``); over one of them, nothing else is read or written.
+    Raises the refusal's error (``RateLimited``, ``SoldOut``, ``DealEnded``...) or
+    ``StoreUnavailable``.
     """
     k = store.keys.for_deal(deal_id)
-    reply = await store.run(
-        "claim_voucher",
-        (k.deal, k.claimers, k.events, k.geo, k.vouchers),
-        (user_id, new_voucher_id(deal_id), store.settings.stream_cap, deal_id),
-    )
+    keys = [k.deal, k.claimers, k.events, k.geo, k.vouchers]
+    args: list[str | int] = [user_id, new_voucher_id(deal_id), store.settings.stream_cap, deal_id]
+    if limits:
+        if not limiting_in_claims(store):
+            raise ValueError("a claim counts its own rate limits on one node only")
+        limit_keys, limit_values = limit_args(limits)
+        keys += limit_keys
+        args += limit_values
+    reply = await store.run("claim_voucher", keys, args)
     outcome = reply[0]
     if outcome != CLAIMED and outcome != ALREADY:
+        if outcome == RATE_LIMITED:
+            raise refusal(limits, int(reply[2]), int(reply[1]))
         raise _REFUSALS[outcome](deal_id=deal_id)
     voucher = Voucher(
         voucher_id=reply[1],

@@ -145,6 +145,20 @@ class InvalidVoucher(InvalidRequest):
 
 class RateLimited(ClientError):
     status, code, message = 429, "rate_limited", "Too many requests; retry later."
+    retry_after_s = 1  # Retry-After: whole seconds, at least 1 (API.md)
+
+    @classmethod
+    def by(cls, kind: str, retry_after_us: int) -> RateLimited:
+        """Refused by the ``kind`` limit (``caller``, ``address``) for ``retry_after_us``."""
+        retry_s = max(1, -(-retry_after_us // 1_000_000))
+        who = "caller" if kind == "caller" else "address"
+        err = cls(
+            f"Too many requests from this {who}; retry in {retry_s} s.",
+            retry_after_ms=-(-retry_after_us // 1000),
+            limit=kind,
+        )
+        err.retry_after_s = retry_s
+        return err
 
 
 class Unavailable(FlashsaleError):

@@ -15,6 +15,7 @@ import asyncio
 import hashlib
 import logging
 import math
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -74,6 +75,9 @@ SCRIPT_NAMES = (
     "archive_deal",
 )
 
+# A line naming a Lua library of lua/lib/ to paste in its place (Script.load).
+_INCLUDE = re.compile(r"^-- #include (\w+)$", re.M)
+
 # (stream, entry id, fields); fields is None for an entry deleted while pending.
 RawEntry = tuple[str, str, dict[str, str] | None]
 
@@ -88,7 +92,13 @@ class Script:
 
     @classmethod
     def load(cls, name: str) -> Script:
-        source = resources.files("lua").joinpath(f"{name}.lua").read_text(encoding="utf-8")
+        """``lua/<name>.lua``, with each ``-- #include <lib>`` line replaced by
+        ``lua/lib/<lib>.lua`` (Redis runs one self-contained source per script)."""
+        scripts = resources.files("lua")
+        source = _INCLUDE.sub(
+            lambda m: scripts.joinpath("lib", f"{m[1]}.lua").read_text(encoding="utf-8"),
+            scripts.joinpath(f"{name}.lua").read_text(encoding="utf-8"),
+        )
         return cls(name, source, hashlib.sha1(source.encode()).hexdigest())
 
 

@@ -9,15 +9,30 @@
 -- ARGV[2]  voucher id to issue if this is a new claim (unused otherwise)
 -- ARGV[3]  stream cap (entries)
 -- ARGV[4]  deal id
+-- KEYS[6..], ARGV[5..]  optional: the caller's rate limiter keys and their interval and
+--           burst window in pairs (lib/gcra.lua). One node only: a limiter key is its
+--           own hash slot, so on a cluster the limits are a call of their own.
 --
 -- Returns {outcome, voucher_id, seq, claimed_at_ms, inventory_left, merchant_id, redeem_until_ms};
 -- outcome is
 --   'claimed' | 'already'   (voucher fields set)
 --   'not_found' | 'cancelled' | 'not_started' | 'ended' | 'sold_out' | 'backlog_full'
+--   'rate_limited'  {'rate_limited', retry_after_us, refused_by (the limiter key's index)}
 -- A new voucher's hashes take the deal hash's deadline (PEXPIRETIME: the archiver's
 -- backstop, see create_deal), so that nothing of the deal outlives it.
 -- Checks run in the API's order: a holder gets its voucher back whatever the deal's
 -- state; then existence, cancellation, the time window (Redis's clock), stock, backlog.
+-- Before all of them, the rate limits (API.md: refused before any other work): a limited
+-- claim reads and writes nothing else.
+
+-- #include gcra
+
+if #KEYS > 5 then
+  local _, refused_by, retry = charge(6, 5)
+  if refused_by then
+    return {'rate_limited', retry, refused_by}
+  end
+end
 local held = redis.call('HGET', KEYS[2], ARGV[1])
 local d = redis.call('HMGET', KEYS[1], 'left', 'starts', 'ends', 'cancelled', 'merchant', 'redeem')
 local left = tonumber(d[1])

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from importlib import resources
-
 from engine.deals import NewDeal
+from engine.store import Script
 from engine.times import MS_PER_DAY, now_ms
 
 HOUR_MS = 3_600_000
@@ -37,5 +36,5 @@ def new_deal(
 
 
 def lua_source(script: str) -> str:
-    """The text of ``lua/<script>.lua``, as the store loads it."""
-    return (resources.files("lua") / f"{script}.lua").read_text()
+    """The text of ``lua/<script>.lua``, as the store loads it (its libraries pasted in)."""
+    return Script.load(script).source

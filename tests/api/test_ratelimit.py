@@ -78,26 +78,48 @@ def test_a_caller_over_its_limit_gets_429_while_another_caller_is_served(
         assert _counted(client, "caller") >= 1 and _counted(client, "address") == 0
 
 
+# Every command a claim's script may run but the limiter's (TIME, GET, SET).
+_CLAIM_COMMANDS = ("hget", "hmget", "xlen", "hincrby", "hset", "pexpiretime", "xadd", "zrem")
+
+
+def _command_calls(r: redis.Redis, names: tuple[str, ...]) -> dict[str, int]:
+    stats: dict[str, Any] = r.info("commandstats")
+    return {c: int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in names}
+
+
 def test_a_limited_claim_takes_no_stock_and_writes_nothing(
     limited: LimitedApi, redis_url: str
 ) -> None:
-    """Refused before the claim script runs: stock, claimers and stream as they were, and
-    the only script Redis ran for the refused claim is the limiter."""
+    """Refused before anything else: stock, claimers and stream as they were, and Redis
+    ran nothing for the refused claim but the limiter's read (on one node, inside the
+    claim's own script call: one script call for the claim, its limit included)."""
     api = limited(rate_caller_per_s=1)  # bursts of 2
     r = redis.Redis.from_url(redis_url, decode_responses=True)
     with httpx.Client(base_url=api.url, timeout=10) as client:
         deal = create_deal(client, api.token("merchant", "m-1"), inventory=5)
         k = KeySpace(api.settings.partitions).for_deal(deal["id"])
         user = api.auth("user", "u-9")
-        for _ in range(2):  # the caller's burst, spent on another route
-            assert client.get("/v1/vouchers/v0.none", headers=user).status_code == 404
+        assert client.post(f"/v1/deals/{deal['id']}/claims", headers=user).status_code == 201
+        # The rest of the caller's burst, spent on another route.
+        assert client.get("/v1/vouchers/v0.none", headers=user).status_code == 404
         before = (r.hget(k.deal, "left"), r.hlen(k.claimers), r.xlen(k.events))
+        assert before == ("4", 1, 2)  # the deal's creation and the first claim
+        commands = _command_calls(r, (*_CLAIM_COMMANDS, "time", "get", "set"))
         scripts = _evalsha_calls(r)
         answer = client.post(f"/v1/deals/{deal['id']}/claims", headers=user)
         assert answer.status_code == 429, answer.text
-        assert _evalsha_calls(r) - scripts == 1  # limit_rate, and no claim_voucher
+        assert answer.json()["error"]["details"]["limit"] == "caller"
+        assert answer.headers["retry-after"] == "1"
+        after = _command_calls(r, (*_CLAIM_COMMANDS, "time", "get", "set"))
+        assert {c: after[c] - commands[c] for c in after} == {
+            **dict.fromkeys(_CLAIM_COMMANDS, 0),
+            "time": 1,  # the limiter's clock
+            "get": 1,  # the caller's limiter key
+            "set": 0,  # a refusal changes nothing
+        }
+        assert _evalsha_calls(r) - scripts == 1
         assert (r.hget(k.deal, "left"), r.hlen(k.claimers), r.xlen(k.events)) == before
-        assert before == ("5", 0, 1)  # the deal's creation event only
+        assert _counted(client, "caller") == 1
     r.close()
 
 
@@ -246,7 +268,8 @@ def test_limits_fail_open_without_redis(
             assert claim.json()["error"]["code"] == "unavailable"
             text = client.get("/metrics").text
         errors = [ln for ln in text.splitlines() if ln.startswith("flashsale_rate_limit_errors")]
-        assert errors and float(errors[0].split()[-1]) >= 4  # two limits, two requests
+        # One per request: both its limits are one check (on one node one script call).
+        assert errors and float(errors[0].split()[-1]) == 2
     finally:
         own.stop()
 

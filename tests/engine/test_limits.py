@@ -17,10 +17,14 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
+from engine import claims
+from engine.deals import create_deal, get_deal
+from engine.errors import RateLimited
 from engine.keys import rate_key
-from engine.limits import ADDRESS, CALLER, RateLimiter, Verdict
+from engine.limits import ADDRESS, CALLER, Charge, RateLimiter, Verdict, charge
 from engine.settings import Settings
-from engine.store import Store
+from engine.store import Script, Store
+from tests.helpers import new_deal
 
 SUBJECTS = ("u-1", "u-2", "10.0.0.1")
 
@@ -131,3 +135,67 @@ def test_per_second_is_api_mds_rate_with_bursts_of_twice_it() -> None:
     assert (limiter.interval_us, limiter.window_us) == (100_000, 2_000_000)
     with pytest.raises(ValueError):
         RateLimiter("nobody", 1, 1)
+
+
+async def test_a_refusal_by_one_limit_still_counts_the_others(store: Store) -> None:
+    """A caller's and an address's limit checked together (one call on one node, one per
+    key on a cluster): the address refuses, the caller's limit counts the request anyway,
+    and the refusal names the limit that gave the longest wait."""
+    caller = RateLimiter(CALLER, 100_000, 1_000_000)  # bursts of 10
+    address = RateLimiter(ADDRESS, 500_000, 500_000)  # bursts of 1
+    both = [Charge(address, "192.0.2.7"), Charge(caller, "u-1")]
+    assert await charge(store, both) is None
+    refused = await charge(store, both)
+    assert isinstance(refused, RateLimited)
+    assert refused.details["limit"] == ADDRESS and refused.retry_after_s == 1
+    assert 0 < refused.details["retry_after_ms"] <= 500
+    # The caller's key was moved on by both requests: 2 intervals ahead of now.
+    tat_us = int(await store.client.get(caller.key("u-1")))
+    now_s, now_us = await store.client.time()
+    ahead_us = tat_us - (now_s * 1_000_000 + now_us)
+    assert 100_000 < ahead_us <= 200_000
+
+
+async def test_a_claim_counts_its_limits_in_its_own_call_against_the_same_keys(
+    store: Store,
+) -> None:
+    """On one node a claim passes its limits to its script: 300 requests of one caller at
+    once, half claims and half other limited requests, share one burst exactly; claims
+    over the limit take nothing (the caller's one voucher, and no more)."""
+    if store.settings.redis_cluster:
+        assert not claims.limiting_in_claims(store)
+        with pytest.raises(ValueError):
+            await claims.claim(store, "d", "u", [Charge(RateLimiter(CALLER, 1, 1), "u")])
+        return
+    deal = await create_deal(store, new_deal(50))
+    # Bursts of 20, then one every 10 s: no refill while the 300 requests run.
+    limiter = RateLimiter(CALLER, 10_000_000, 200_000_000)
+    limits = [Charge(limiter, "u-claims")]
+
+    # The claim's script cached (the first call of a script may wait a round trip more).
+    await claims.claim(store, deal.id, "u-warm")
+
+    async def by_claim() -> bool:
+        try:
+            await claims.claim(store, deal.id, "u-claims", limits)
+        except RateLimited as exc:
+            assert exc.details == {"limit": CALLER, "retry_after_ms": exc.details["retry_after_ms"]}
+            return False
+        return True
+
+    async def elsewhere() -> bool:
+        return await charge(store, limits) is None
+
+    allowed = await asyncio.gather(*(f() for _ in range(150) for f in (by_claim, elsewhere)))
+    assert sum(allowed) == 20
+    claimed = sum(allowed[::2])
+    assert claimed >= 1  # the first request of all is a claim (on a warm script cache)
+    # The warm-up's voucher and the caller's one (its other allowed claims got it again).
+    assert (await get_deal(store, deal.id)).inventory_left == 48
+
+
+def test_scripts_paste_their_libraries_in() -> None:
+    """``-- #include`` lines are replaced by lua/lib/ sources: what Redis runs is whole."""
+    for name in ("limit_rate", "claim_voucher"):
+        source = Script.load(name).source
+        assert "#include" not in source and "local function charge(" in source
