@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from engine.times import parse_rfc3339, to_rfc3339
 
@@ -74,3 +78,12 @@ def test_rfc3339_spellings_parse_to_the_same_utc_instant(text: str, utc: str) ->
 def test_other_iso_8601_spellings_and_impossible_times_are_refused(text: str) -> None:
     with pytest.raises(ValueError):
         parse_rfc3339(text)
+
+
+@given(st.integers(0, 253_402_300_799_999))
+def test_instants_are_written_as_datetime_writes_them_and_read_back(ms: int) -> None:
+    """Any instant 1970..9999: the text datetime's exact arithmetic gives, and back."""
+    exact = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=ms)
+    text = to_rfc3339(ms)
+    assert text == exact.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    assert parse_rfc3339(text) == ms
