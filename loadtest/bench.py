@@ -112,6 +112,12 @@ class WrkResult:
     p50_ms: float
     p99_ms: float
     wrk_cpu_s: float
+    # CPU seconds each watched process tree used during the run (``run_wrk``'s ``watch``).
+    cpu_s: dict[str, float] = field(default_factory=dict)
+
+    def cpu_us_per_request(self, name: str) -> float:
+        """Microseconds of CPU a watched process tree spent per request answered."""
+        return 1e6 * self.cpu_s[name] / self.requests if self.requests else 0.0
 
     @property
     def rps(self) -> float:
@@ -129,6 +135,34 @@ class WrkResult:
         return 100 * self.wrk_cpu_s / self.seconds if self.seconds else 0.0
 
 
+_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_s(root: int) -> float:
+    """CPU seconds (user + system) used so far by process ``root`` and its descendants
+    (from ``/proc``: an API's workers are its children, granian's its threads)."""
+    stats: dict[int, tuple[int, float]] = {}  # pid -> (parent, cpu seconds)
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        # After the command: state, ppid, ..., utime and stime are fields 14 and 15.
+        stats[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])))
+    tree, total, frontier = {root}, 0.0, [root]
+    while frontier:
+        parent = frontier.pop()
+        frontier += [pid for pid, (ppid, _) in stats.items() if ppid == parent and pid not in tree]
+        tree.update(frontier)
+    for pid in tree:
+        if pid in stats:
+            total += stats[pid][1]
+    return total / _TICKS_PER_S
+
+
 def run_wrk(
     label: str,
     url: str,
@@ -137,8 +171,14 @@ def run_wrk(
     seconds: float,
     connections: int,
     threads: int = 1,
+    watch: dict[str, int] | None = None,
 ) -> WrkResult:
-    """Run wrk, wait for it with ``wait4`` (for its CPU time), parse what it printed."""
+    """Run wrk, wait for it with ``wait4`` (for its CPU time), parse what it printed.
+
+    ``watch``: process trees (name -> root pid) whose CPU time during the run is kept.
+    """
+    watch = watch or {}
+    cpu_before = {name: tree_cpu_s(pid) for name, pid in watch.items()}
     argv = [
         "wrk",
         "-t",
@@ -184,6 +224,7 @@ def run_wrk(
         p50_ms=int(p50.group(1)) / 1000 if p50 else 0.0,
         p99_ms=int(p99.group(1)) / 1000 if p99 else 0.0,
         wrk_cpu_s=usage.ru_utime + usage.ru_stime,
+        cpu_s={name: tree_cpu_s(pid) - cpu_before[name] for name, pid in watch.items()},
     )
 
 
@@ -251,6 +292,7 @@ class Backends:
     redis_url: str
     database_url: str
     settings: Settings
+    redis_pid: int | None = None  # the embedded Redis's, for its CPU per request
 
 
 def _window_ms() -> tuple[int, int, int]:
@@ -457,6 +499,13 @@ def run_workers(
                 1,
                 conns,
             )
+
+        def watch(s: Server) -> dict[str, int]:
+            """flashsale's process tree and the (embedded) Redis, for CPU per request."""
+            if s.proc is None or not s.name.startswith("flashsale-"):
+                return {}
+            return {"api": s.proc.pid, **({"redis": b.redis_pid} if b.redis_pid else {})}
+
         health = {
             name: run_wrk(
                 "healthz",
@@ -465,6 +514,7 @@ def run_workers(
                 {"BENCH_PATH": "/healthz"},
                 secs,
                 conns,
+                watch=watch(s),
             )
             for name, s in systems.items()
         }
@@ -485,6 +535,7 @@ def run_workers(
                     {"BENCH_PATH": path, "BENCH_TOKENS": str(tokens)},
                     secs,
                     conns,
+                    watch=watch(s),
                 )
             rows.append(Row(scenario, workers, results))
         print(f"  {workers} worker(s): discovery", flush=True)
@@ -497,7 +548,15 @@ def run_workers(
                 "discovery",
                 workers,
                 {
-                    name: run_wrk("discovery", s.url + "/v1/deals", "wrk_get.lua", env, secs, conns)
+                    name: run_wrk(
+                        "discovery",
+                        s.url + "/v1/deals",
+                        "wrk_get.lua",
+                        env,
+                        secs,
+                        conns,
+                        watch=watch(s),
+                    )
                     for name, s in systems.items()
                 },
             )
@@ -587,6 +646,43 @@ def run_balancer(b: Backends, plan: Plan, tmp: Path, storm_file: Path) -> list[B
     return runs
 
 
+def _cpu_table(rows: list[Row], plan: Plan) -> None:
+    """Where each of flashsale's requests' CPU went (``/proc``), by process: less noisy than
+    req/s on a shared machine, and it says what the cores could give at that cost."""
+    cores = os.cpu_count() or 1
+    print(
+        "\nCPU per request, in microseconds (user + system, from /proc), by process; "
+        f"'ceiling' is what {cores} cores could answer at that cost with nothing else "
+        "running:\n"
+    )
+    print(
+        "| scenario | workers | system | API | Redis | wrk | all three | ceiling req/s "
+        "| API, of /healthz's |"
+    )
+    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    health = {
+        (r.workers, name): res.cpu_us_per_request("api")
+        for r in rows
+        if r.scenario == "/healthz"
+        for name, res in r.results.items()
+        if "api" in res.cpu_s
+    }
+    for row in rows:
+        for name, res in row.results.items():
+            if "api" not in res.cpu_s or not res.requests:
+                continue
+            api = res.cpu_us_per_request("api")
+            redis = res.cpu_us_per_request("redis") if "redis" in res.cpu_s else 0.0
+            wrk = 1e6 * res.wrk_cpu_s / res.requests
+            total = api + redis + wrk
+            base = health.get((row.workers, name))
+            print(
+                f"| {row.scenario} | {row.workers} | {name} | {api:.0f} "
+                f"| {redis:.0f} | {wrk:.0f} | {total:.0f} | {_fmt(cores * 1e6 / total)} "
+                f"| {api / base if base else 0:.1f}x |"
+            )
+
+
 def report(
     rows: list[Row], drained: tuple[int, float], plan: Plan, cmd: str, balanced: list[BalancerRun]
 ) -> list[str]:
@@ -640,6 +736,7 @@ def report(
             answers = " | ".join(_answers(row.results[n]) for n in names)
             print(f"- {row.scenario}, {row.workers} worker(s): {answers}")
     print(f"- persister drain: {rows_n:,} stream entries (every deal and voucher of the run)")
+    _cpu_table(rows, plan)
     if balanced:
         direct = {
             (r.scenario, n): _rate(r, n)
@@ -744,10 +841,12 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="flashsale-bench-")))
         redis_url, database_url = args.redis_url, args.database_url
+        redis_pid = None
         if not redis_url:
             redis = EmbeddedRedis(tmp / "redis").start()
             stack.callback(redis.stop)
             redis_url = redis.url
+            redis_pid = redis.proc.pid if redis.proc is not None else None
         if not database_url:
             pg = EmbeddedPostgres(tmp / "pg").start()  # durable: fsync on
             stack.callback(pg.remove_data)
@@ -758,7 +857,7 @@ def main(argv: list[str] | None = None) -> int:
             auth_secret=SECRET,
             data_dir=tmp / "data",
         )
-        b = Backends(redis_url, database_url, settings)
+        b = Backends(redis_url, database_url, settings, redis_pid)
         print("preparing: migrations, peer schema, discovery deals, tokens", flush=True)
         asyncio.run(prepare_database(database_url))
         asyncio.run(seed_discovery(b, DISCOVERY_DEALS))
