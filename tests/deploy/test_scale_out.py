@@ -1,7 +1,8 @@
 """Scale-out on one machine: Debian's nginx with deploy/nginx.conf in front of three
 `flashsale serve` processes and two persisters over one Redis (and over the local Redis
-Cluster). The config is the project's own, adapted only in ports, addresses and the paths
-of its pid and temp files (``loadtest/balancer.py``).
+Cluster); nginx's own answers to malformed and slow clients. The config is the project's
+own, adapted only in ports, addresses and the paths of its pid and temp files
+(``loadtest/balancer.py``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -338,3 +342,88 @@ def test_the_api_s_own_errors_pass_through_nginx_untouched(front: tuple[Nginx, S
     proxied = httpx.get(nginx.url + "/v1/deals/d_none")
     assert proxied.status_code == direct.status_code == 404
     assert proxied.json() == direct.json()
+
+
+# deploy/nginx.conf's timeouts are the contract's and are not adapted for tests, so each
+# slow-client test waits about 10 s. This bound only stops a test that gets nothing.
+SLOW_CLIENT_WAIT_S = 30
+
+
+def slow_client(port: int, head: bytes, piece: bytes) -> bytes:
+    """Sends ``head``, then ``piece`` once a second (nothing if it is empty) until answered.
+
+    Returns everything the server sent, once it has closed the connection.
+    """
+    reply = b""
+    deadline = time.monotonic() + SLOW_CLIENT_WAIT_S
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(head)
+        s.settimeout(1)
+        while time.monotonic() < deadline:
+            try:
+                chunk = s.recv(65536)
+            except TimeoutError:
+                if piece and not reply:
+                    with contextlib.suppress(OSError):
+                        s.sendall(piece)
+                continue
+            except ConnectionResetError:
+                return reply  # our byte after the server's close was answered with a reset
+            if not chunk:
+                return reply
+            reply += chunk
+    raise AssertionError(f"the connection was still open after {SLOW_CLIENT_WAIT_S} s: {reply!r}")
+
+
+@contextlib.contextmanager
+def others_served(url: str) -> Iterator[list[int]]:
+    """Meanwhile, another client asks GET /healthz through nginx over and over."""
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def ask() -> None:
+        with httpx.Client(base_url=url, timeout=5) as client:
+            while not stop.is_set():
+                statuses.append(client.get("/healthz").status_code)
+                stop.wait(0.2)
+
+    thread = threading.Thread(target=ask)
+    thread.start()
+    try:
+        yield statuses
+    finally:
+        stop.set()
+        thread.join(10)
+
+
+@pytest.mark.slow
+def test_a_slow_body_through_nginx_gets_the_api_s_json_408_and_the_connection_closes(
+    front: tuple[Nginx, Served],
+) -> None:
+    """A trickled or a stalled body: the API times it (nginx streams it through)."""
+    nginx, _ = front
+    auth = f"Authorization: Bearer {mint(SECRET, 'm-1', 'merchant')}\r\n"
+    post = f"POST /v1/deals HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{auth}"
+    trickled = (post + "Content-Length: 100\r\n\r\n").encode()  # then a byte a second
+    stalled = (post + "Transfer-Encoding: chunked\r\n\r\n1\r\n{\r\n").encode()  # then nothing
+    with others_served(nginx.url) as statuses, ThreadPoolExecutor(2) as pool:
+        replies = list(pool.map(slow_client, [nginx.port] * 2, [trickled, stalled], [b" ", b""]))
+    for reply in replies:  # slow_client returned: the connection is closed
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408 "), reply
+        assert b"content-type: application/json" in head.lower()
+        error = orjson.loads(body)["error"]
+        assert error["code"] == "request_timeout" and error["details"] == {"timeout_s": 10}
+    assert statuses and set(statuses) == {200}
+
+
+@pytest.mark.slow
+def test_a_request_head_never_completed_is_closed_by_nginx_without_an_answer(
+    front: tuple[Nginx, Served],
+) -> None:
+    """nginx never answers its own timeouts (no 408 to put an error_page on)."""
+    nginx, _ = front
+    head = b"POST /v1/deals HTTP/1.1\r\nHost: x\r\nX-Slow: "  # then a byte a second
+    with others_served(nginx.url) as statuses:
+        assert slow_client(nginx.port, head, b"a") == b""
+    assert statuses and set(statuses) == {200}
