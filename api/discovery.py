@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections.abc import AsyncIterator
@@ -12,6 +13,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from api.metrics import DISCOVERY_EXPORT_INTERVAL_S
 from api.services import Services, background, services
 from api.validation import query_int, query_number
 from engine.deals import LAT_MAX, LNG_MAX
@@ -73,16 +75,31 @@ async def _advance_forever(d: Discovery, interval_s: float) -> None:
             log.warning("discovery timeline: Redis unavailable; will retry")
 
 
+async def _export_forever(svc: Services) -> None:
+    while True:
+        await asyncio.sleep(DISCOVERY_EXPORT_INTERVAL_S)
+        svc.metrics.discovery_seen(svc.discovery)
+
+
 @asynccontextmanager
 async def lifespan(svc: Services) -> AsyncIterator[None]:
-    """Sweep ended deals out of the geo indexes, and move started ones in, in the background."""
+    """Sweep ended deals out of the geo indexes, move started ones in, and (under several
+    workers) export discovery's metrics, in the background."""
     settings = svc.settings
     sweeping = _sweep_forever(
         svc.discovery, settings.discovery_sweep_interval_s, settings.discovery_sweep_jitter
     )
     advancing = _advance_forever(svc.discovery, settings.discovery_advance_interval_s)
-    async with background(sweeping), background(advancing):
-        yield
+    # Alone, a process's scrape brings its own discovery metrics up to date; under several
+    # workers the scrape reaches one, so each worker copies its counts on its own.
+    exporting = (
+        background(_export_forever(svc)) if svc.metrics.multiprocess else contextlib.nullcontext()
+    )
+    try:
+        async with background(sweeping), background(advancing), exporting:
+            yield
+    finally:
+        svc.metrics.discovery_seen(svc.discovery)  # a stopping worker's last counts
 
 
 routes = [Route("/v1/deals", nearby, methods=["GET"])]

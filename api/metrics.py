@@ -1,4 +1,5 @@
-"""Prometheus metrics: requests by route and status, latencies, claim outcomes, lag.
+"""Prometheus metrics: requests by route and status, latencies, claim outcomes, lag,
+discovery's work and cache bytes.
 
 Under several uvicorn workers set ``PROMETHEUS_MULTIPROC_DIR`` (``flashsale serve`` does)
 and every worker's numbers are summed on scrape.
@@ -7,6 +8,7 @@ and every worker's numbers are summed on scrape.
 from __future__ import annotations
 
 import time
+from dataclasses import fields
 from typing import Any
 
 from prometheus_client import (
@@ -19,9 +21,15 @@ from prometheus_client import (
 )
 from prometheus_client import multiprocess as prom_multiprocess
 
+from engine.discovery import Discovery, Work
 from engine.errors import RateLimited
 
 _LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+# The kinds of flashsale_discovery_work_total: every counter of engine.discovery.Work.
+DISCOVERY_WORK_KINDS = tuple(f.name for f in fields(Work))
+# Under several workers a scrape reaches one of them: each worker copies discovery's
+# counts into the shared metric files this often (api/discovery.py), and when it stops.
+DISCOVERY_EXPORT_INTERVAL_S = 1.0
 
 
 class Metrics:
@@ -88,8 +96,35 @@ class Metrics:
             registry=self.registry,
             multiprocess_mode="max",
         )
+        # Discovery counts its work in plain integers (engine/ knows nothing of Prometheus);
+        # discovery_seen() adds what they gained since it last looked.
+        self.discovery_work = Counter(
+            "flashsale_discovery_work_total",
+            "What discovery asked of Redis, by kind (the fields of engine.discovery.Work).",
+            ("kind",),
+            registry=self.registry,
+        )
+        # Each process has its own caches, each bounded by its setting: the largest
+        # process's says whether a bound is reached (a sum has no bound to hold it against).
+        self.discovery_cache_bytes = Gauge(
+            "flashsale_discovery_cache_bytes",
+            "Bytes held by discovery's cache of candidates (bound: discovery_cache_bytes), "
+            "in the API process that holds most.",
+            registry=self.registry,
+            multiprocess_mode="max",
+        )
+        self.discovery_fixed_bytes = Gauge(
+            "flashsale_discovery_fixed_bytes",
+            "Bytes held by discovery's deals' fixed fields (bound: discovery_fixed_bytes), "
+            "in the API process that holds most.",
+            registry=self.registry,
+            multiprocess_mode="max",
+        )
 
         self._claim_children: dict[str, Any] = {}
+        self._work_children = {k: self.discovery_work.labels(k) for k in DISCOVERY_WORK_KINDS}
+        self._work_of: Discovery | None = None
+        self._work_seen = dict.fromkeys(DISCOVERY_WORK_KINDS, 0)
 
     def claimed(self, outcome: str) -> None:
         """Count one claim outcome (children cached: this is on the claim path)."""
@@ -101,6 +136,20 @@ class Metrics:
     def limited(self, refused: RateLimited) -> None:
         """Count one request refused by a rate limit, by the limit's kind."""
         self.rate_limited.labels(refused.details["limit"]).inc()
+
+    def discovery_seen(self, discovery: Discovery) -> None:
+        """Bring the discovery metrics up to ``discovery``'s own counts and cache sizes."""
+        if discovery is not self._work_of:  # a new Discovery counts from 0
+            self._work_of = discovery
+            self._work_seen = dict.fromkeys(DISCOVERY_WORK_KINDS, 0)
+        work, seen = discovery.work, self._work_seen
+        for kind, child in self._work_children.items():
+            now = getattr(work, kind)
+            if now != seen[kind]:
+                child.inc(now - seen[kind])
+                seen[kind] = now
+        self.discovery_cache_bytes.set(discovery.cache_used_bytes)
+        self.discovery_fixed_bytes.set(discovery.fixed_used_bytes)
 
     def render(self) -> bytes:
         if self.multiprocess:

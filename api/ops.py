@@ -65,6 +65,7 @@ async def metrics(request: Request) -> Response:
     if svc.archive is not None:
         with contextlib.suppress(Unavailable):
             svc.metrics.deals_archived.set(await svc.archive.archived_count())
+    svc.metrics.discovery_seen(svc.discovery)
     return Response(svc.metrics.render(), media_type=svc.metrics.content_type)
 
 

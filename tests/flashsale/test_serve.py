@@ -184,6 +184,42 @@ def test_two_workers_sum_their_metrics(start_serve: StartServe, node: Settings) 
     assert float(line.rsplit(" ", 1)[1]) == 60.0
 
 
+def _discovery_deals_read(client: httpx.Client) -> float:
+    line = next(
+        x
+        for x in client.get("/metrics").text.splitlines()
+        if x.startswith('flashsale_discovery_work_total{kind="deals_read"}')
+    )
+    return float(line.rsplit(" ", 1)[1])
+
+
+def test_two_workers_export_their_discovery_work_without_being_scraped(
+    start_serve: StartServe, node: Settings
+) -> None:
+    """Each worker copies its Discovery.work into the shared metrics on its own, so a
+    scrape that always reaches the same worker counts the other's discovery work too."""
+    served = start_serve(node, workers=2)
+    deals = {new_deal(served.url, 1) for _ in range(3)}  # at one spot
+    asked = 40
+    for _ in range(asked):  # a new connection each: the kernel spreads them over workers
+        r = httpx.get(f"{served.url}/v1/deals?lat=12.97&lng=77.59")
+        assert {d["id"] for d in r.json()["deals"]} == deals  # each answer reads all 3
+    with httpx.Client(base_url=served.url, timeout=10) as one_worker:  # one connection
+        deadline = time.monotonic() + 15
+        while (read := _discovery_deals_read(one_worker)) < 3 * asked:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        cache = [
+            x
+            for x in one_worker.get("/metrics").text.splitlines()
+            if x.startswith("flashsale_discovery_cache_bytes")
+        ]
+    assert read == 3 * asked
+    # One sample, the largest worker's (not one per process), within a worker's bound.
+    assert len(cache) == 1 and 0 < float(cache[0].split()[1]) <= node.discovery_cache_bytes
+
+
 def test_claims_get_503_while_redis_is_down_and_work_again_after(
     start_serve: StartServe, own_redis: EmbeddedRedis, database_url: str
 ) -> None:
