@@ -34,7 +34,10 @@ async def ack_floor(store: Store, key: str, group: dict[str, Any]) -> str:
     floor = next_id(str(group["last-delivered-id"]))
     if int(group.get("pending", 0)):
         summary = await store.pending_summary(key, str(group["name"]))
-        floor = min(floor, str(summary["min"]), key=parse_id)
+        # None: another persister acknowledged them since ``group`` was read; every entry
+        # delivered by then is acknowledged, and later ones lie past ``floor``.
+        if summary["min"] is not None:
+            floor = min(floor, str(summary["min"]), key=parse_id)
     return floor
 
 

@@ -8,7 +8,7 @@ from engine import claims
 from engine.deals import create_deal
 from engine.keys import STREAM_GROUP
 from engine.store import Store
-from persister.consumer import Consumer, ensure_groups, unacknowledged
+from persister.consumer import Consumer, ack_floor, ensure_groups, unacknowledged
 from tests.helpers import new_deal
 
 
@@ -98,3 +98,23 @@ async def test_unacknowledged_starts_at_the_groups_oldest_unacked_entry(pstore: 
     assert [i for i, _ in left] == [i for i, _ in await pstore.stream_range(key, "-", count=10)][2:]
     await c.ack([*held, *await c.read_new()])
     assert await unacknowledged(pstore, key) == []
+
+
+async def test_the_ack_floor_of_a_group_read_before_its_entries_were_acknowledged(
+    pstore: Store,
+) -> None:
+    """Two persisters: one reads the group (4 pending), the other acknowledges them all
+    before the first asks for the oldest pending one (there is none now). The floor is
+    the entry after the last delivered: a bound retention may trim below, not a crash."""
+    key = await _events(pstore, 3)
+    await ensure_groups(pstore)
+    c = Consumer(pstore, "c-1", count=100, block_ms=10)
+    entries = [e for e in await c.read_new() if e[0] == key]
+    assert len(entries) == 4
+    (stale,) = [g for g in await pstore.stream_groups(key) if g["name"] == STREAM_GROUP]
+    assert int(stale["pending"]) == 4
+    await c.ack(entries)
+    floor = await ack_floor(pstore, key, stale)
+    last = entries[-1][1]
+    ms, seq = (int(x) for x in last.split("-"))
+    assert floor == f"{ms}-{seq + 1}"
