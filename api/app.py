@@ -16,7 +16,7 @@ from starlette.applications import Starlette
 from api import deals, discovery, errors, me, ops, till, vouchers
 from api.archive import Archive
 from api.auth import Authenticator
-from api.fastpath import ClaimFastPath
+from api.fastpath import ClaimFastPath, ExactPath
 from api.jsonio import BodyDeadline
 from api.metrics import Metrics, MetricsMiddleware
 from api.ratelimit import RateLimit
@@ -72,7 +72,8 @@ def create_app(settings: Settings) -> Starlette:
         lifespan=lifespan,
         exception_handlers=errors.handlers(),
     )
-    # Inside the metrics middleware: added before it.
+    # Inside the metrics middleware: added before it. Discovery's inside the claim's.
+    app.add_middleware(ExactPath, route=discovery.route, method="GET")
     app.add_middleware(ClaimFastPath, route=deals.claim_route)
     app.add_middleware(BodyDeadline, timeout_s=settings.body_timeout_s)
     # Outside everything but the metrics: a request over its limit does no other work.

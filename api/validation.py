@@ -17,6 +17,7 @@ ID_MAX_CHARS = 64
 ID_PATTERN = rf"^[A-Za-z0-9._~-]{{1,{ID_MAX_CHARS}}}$"
 ID_RE = re.compile(ID_PATTERN)
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # C0 and DEL, but tab and newlines
+_QUERY_INT = re.compile(r"[+-]?\d{1,9}")
 
 
 def valid_id(value: str) -> bool:
@@ -158,7 +159,7 @@ def query_int(
     raw = params.get(name)
     if raw is None or raw == "":
         return default
-    if not re.fullmatch(r"[+-]?\d{1,9}", raw):
+    if not _QUERY_INT.fullmatch(raw):
         problems[name] = f"must be an integer in {low}..{high}"
         return None
     value = int(raw)

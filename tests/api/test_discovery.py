@@ -6,7 +6,11 @@ from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from starlette.datastructures import QueryParams
 
+from api.discovery import query_values
 from engine.discovery import haversine_km
 from tests.api.conftest import RunningApi
 
@@ -141,3 +145,48 @@ def test_post_on_the_same_path_still_creates_and_other_methods_are_json_405(
     r = client.delete("/v1/deals")
     assert r.status_code == 405
     assert r.json()["error"]["code"] == "method_not_allowed"
+
+
+# Pieces a query string is made of, the awkward ones included: separators, escapes (valid,
+# truncated, invalid, UTF-8, not UTF-8), '+', raw non-ASCII bytes, and the names we read.
+_QUERY_PIECES = st.sampled_from(
+    [
+        *(b"&", b"=", b"&&", b"==", b"%", b"%2", b"%2B", b"%26", b"%3D", b"%ZZ", b"%C3%A9"),
+        *(b"%FF", b"%00", b"+", b";", b"\xe9", b"\xc3\xa9", b" ", b"lat", b"lng", b"limit"),
+        *(b"radius_km", b"1", b"-2.5", b"nan", b"\xd9\xa3", b"%D9%A3"),
+    ]
+)
+
+
+@given(st.lists(_QUERY_PIECES, max_size=24).map(b"".join) | st.binary(max_size=64))
+def test_the_query_reads_as_starlettes_query_params(raw: bytes) -> None:
+    """The endpoint's own parser: every name's last value, decoded as ``QueryParams`` does."""
+    assert query_values(raw) == dict(QueryParams(raw).items())
+
+
+@pytest.mark.parametrize(
+    ("query", "count"),
+    [
+        ("limit=3&limit=1", 1),  # the last of a repeated name
+        ("limit=%31", 1),  # percent-encoded
+        ("limit=%2B2", 2),  # an encoded '+' is a sign
+        ("limit=+2", None),  # a bare '+' is a space: not an integer
+        ("lim%69t=1", 1),  # an encoded name
+        ("limit", 3),  # no '=': blank, so the default
+        ("limit=&radius_km=", 3),
+        ("limit=2;radius_km=1", None),  # ';' separates nothing
+    ],
+)
+def test_query_strings_decode_as_before(
+    api: RunningApi, client: httpx.Client, query: str, count: int | None
+) -> None:
+    """Escapes, '+', repeats and blanks, over HTTP; ``None``: 422 naming ``limit``."""
+    for i in range(3):
+        create(api, client, LAT + 0.001 * i, LNG)
+    r = client.get(f"/v1/deals?lat={LAT}&lng={LNG}&{query}")
+    if count is None:
+        assert r.status_code == 422, r.text
+        assert set(r.json()["error"]["details"]["fields"]) == {"limit"}
+    else:
+        assert r.status_code == 200, r.text
+        assert r.json()["count"] == count
