@@ -34,10 +34,13 @@ state + 3 P x ``SEARCH_ADVANCE_CHUNK`` moving the timeline. ``Discovery.work`` c
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
+import functools
 import heapq
 import logging
 import math
+import operator
 import sys
 import time
 from array import array
@@ -102,8 +105,9 @@ _BACKLOG_TTL_S = 1.0
 # (as if every candidate were dead), plus the id string (as if not shared).
 _ENTRY_BYTES = 1_024
 _CANDIDATE_BYTES = 8 + 4 * 8 + 64
-# A remembered deal's fixed part, over its strings: the object and its dict slot.
-_FIXED_BYTES = 400
+# A remembered deal's fixed part, over its strings: the object, its numbers and its dict
+# slot.
+_FIXED_BYTES = 480
 SWEEP_CHUNK = 500  # members read per ZSCAN step (one sweep_geo call each)
 _TERMINAL_LEFT = 0
 
@@ -139,6 +143,9 @@ class _Fixed:
     description: str
     lat: float
     lng: float
+    # ``haversine_km``'s own terms for the deal's side: ``radians(lat)`` and its cosine.
+    rlat: float
+    coslat: float
     total: int
     starts_ms: int
     ends_ms: int
@@ -161,6 +168,7 @@ class _Fixed:
             sys.getsizeof(x)
             for x in (deal.id, key, merchant, deal.title, deal.description, head, mid)
         )
+        rlat = math.radians(deal.lat)
         return cls(
             deal.id,
             key,
@@ -169,6 +177,8 @@ class _Fixed:
             deal.description,
             deal.lat,
             deal.lng,
+            rlat,
+            math.cos(rlat),
             deal.inventory_total,
             deal.starts_at_ms,
             deal.ends_at_ms,
@@ -222,25 +232,37 @@ class Nearby(NamedTuple):
         return {**self.deal.to_json(), "distance_km": self.distance_km}
 
 
+# ``Nearby(*fields)`` without the call of the generated ``__new__``.
+_nearby: Callable[[tuple[_Fixed, int, int, int | None, int, float]], Nearby] = functools.partial(
+    tuple.__new__, Nearby
+)
+
 _STATUS_JSON = {s: orjson.dumps(s) for s in (SCHEDULED, ACTIVE, SOLD_OUT, ENDED, CANCELLED)}
+_ACTIVE_JSON = _STATUS_JSON[ACTIVE]
 
 
 def render(found: list[Nearby]) -> bytes:
     """``{"deals": [n.to_json() ...], "count": n}`` as orjson writes it, from fragments.
 
-    The fixed part of each deal was serialized once, when this process first read it.
+    The fixed part of each deal was serialized once, when this process first read it; the
+    distances are serialized in one call (orjson writes a float alike in a list or alone).
     """
-    parts = [
-        b'%s"inventory_left":%d,%s"status":%s,"distance_km":%s}'
-        % (
-            n.fixed.json_head,
-            max(n.left, 0),
-            n.fixed.json_mid,
-            _STATUS_JSON[n.status],
-            orjson.dumps(n.distance_km),
+    if not found:
+        return b'{"deals":[],"count":0}'
+    distances = orjson.dumps([n.distance_km for n in found])[1:-1].split(b",")
+    parts = []
+    for (f, left, _seq, cancelled, now, _km), km in zip(found, distances, strict=True):
+        if cancelled is None and left > 0 and f.starts_ms <= now < f.ends_ms:
+            status = _ACTIVE_JSON  # deal_status(...), spelt out for the usual answer
+        else:
+            status = _STATUS_JSON[
+                deal_status(now, f.starts_ms, f.ends_ms, left, cancelled is not None)
+            ]
+            left = max(left, 0)
+        parts.append(
+            b'%s"inventory_left":%d,%s"status":%s,"distance_km":%s}'
+            % (f.json_head, left, f.json_mid, status, km)
         )
-        for n in found
-    ]
     return b'{"deals":[%s],"count":%d}' % (b",".join(parts), len(found))
 
 
@@ -310,23 +332,42 @@ class _Nearest:
         """
         n = min(n, cap)
         c, heap, count, start = self.c, self.heap, len(self.c.ids), self.i
+        dist, ids = c.dist_km, c.ids
+        offset = self.offset
+        # A candidate farther than this from the centre cannot be among the n nearest.
+        reach = min(self.max_km, up_to_km) + offset
+        if start < count and dist[start] <= reach:  # (else none is left to measure)
+            self.i = self._walk(n, reach, tail_km)
+        out: list[str] = []
+        pop, a_up = heapq.heappop, _a_of(up_to_km)
+        last = 0.0
+        while heap and len(out) < n and heap[0][0] <= a_up:
+            last, k = pop(heap)
+            out.append(ids[k])
+        if tail_km and len(out) == n:
+            a_tail = min(a_up, _a_of(_km_of(last) + tail_km))
+            while heap and heap[0][0] <= a_tail and len(out) < cap:
+                out.append(ids[pop(heap)[1]])
+        return out
+
+    def _walk(self, n: int, reach: float, tail_km: float) -> int:
+        """Measure candidates from ``self.i`` on, into the heap, until none left can beat
+        the ``n``-th nearest measured, nor lies within ``reach`` of the centre; return
+        where it stopped."""
+        c, heap, count = self.c, self.heap, len(self.c.ids)
         dist, rlats, rlngs, coslats = c.dist_km, c.rlats, c.rlngs, c.coslats
         ids, dead = c.ids, c.dead
         offset, rlat, rlng, coslat = self.offset, self.rlat, self.rlng, self.coslat
         a_max = _a_of(self.max_km)
-        # A candidate farther than this from the centre cannot be among the n nearest.
-        reach = min(self.max_km, up_to_km) + offset
         # The n nearest measured and not yet taken, as a max-heap (negated ``a``).
         best = [-a for a, _ in heapq.nsmallest(n, heap)]
         heapq.heapify(best)
         if len(best) >= n:
             reach = min(reach, _km_of(-best[0]) + tail_km + offset)
         sin, push, replace = math.sin, heapq.heappush, heapq.heapreplace
-        stop = count
-        for i in range(start, count):
+        for i in range(self.i, count):
             if dist[i] > reach:
-                stop = i
-                break
+                return i
             if ids[i] in dead:
                 continue
             s_lat = sin((rlats[i] - rlat) * 0.5)
@@ -341,18 +382,7 @@ class _Nearest:
                 elif a < -best[0]:
                     replace(best, -a)
                     reach = min(reach, _km_of(-best[0]) + tail_km + offset)
-        self.i = stop
-        out: list[str] = []
-        pop, a_up = heapq.heappop, _a_of(up_to_km)
-        last = 0.0
-        while heap and len(out) < n and heap[0][0] <= a_up:
-            last, k = pop(heap)
-            out.append(ids[k])
-        if tail_km and len(out) == n:
-            a_tail = min(a_up, _a_of(_km_of(last) + tail_km))
-            while heap and heap[0][0] <= a_tail and len(out) < cap:
-                out.append(ids[pop(heap)[1]])
-        return out
+        return count
 
     def frontier_km(self) -> float:
         """No candidate not yet taken is nearer the caller than this (index coordinates)."""
@@ -476,7 +506,7 @@ class Discovery:
         # step, so varying them slightly cannot force a miss each time; each caller's own
         # radius and limit then filter the shared superset exactly.
         shared_km = math.ceil(radius_km / _RADIUS_STEP_KM) * _RADIUS_STEP_KM
-        shared_limit = next(b for b in _LIMIT_STEPS if b >= limit)
+        shared_limit = _LIMIT_STEPS[bisect.bisect_left(_LIMIT_STEPS, limit)]
         key, clat, clng, half_diag_km = self._cell(lat, lng, shared_km, shared_limit)
         full_km = shared_km + half_diag_km
         budget = _Budget(self.read_budget)
@@ -525,6 +555,11 @@ class Discovery:
         threshold = radius_km  # a deal farther than this cannot be in the answer
         first = True
         spent = False
+        # ``haversine_km(lat, lng, f.lat, f.lng)`` inlined term for term (so the very same
+        # float): the caller's terms once here, the deal's once per process (``_Fixed``).
+        p1 = math.radians(lat)
+        cos1 = math.cos(p1)
+        sin, radians, sqrt, asin = math.sin, math.radians, math.sqrt, math.asin
         while True:
             # Most candidates are active (the index holds claimable deals only, but for
             # those that ended since): read exactly ``limit`` first, then twice what is
@@ -541,18 +576,25 @@ class Discovery:
                 break
             budget.left -= len(ids)
             for deal_id, live in zip(ids, await self._read(ids), strict=True):
-                status = None
-                if live is not None:
-                    f, left, seq, cancelled, now = live
+                if live is None:  # gone: for good
+                    c.dead.add(deal_id)
+                    self._forget(deal_id)
+                    continue
+                f, left, seq, cancelled, now = live
+                # ``deal_status(...) == ACTIVE``, spelt out: the common case costs no call.
+                if cancelled is not None or not f.starts_ms <= now < f.ends_ms or left <= 0:
                     status = deal_status(now, f.starts_ms, f.ends_ms, left, cancelled is not None)
-                if live is None or status != ACTIVE:
-                    if status != SCHEDULED:  # ended, cancelled, sold out or gone: for good
+                    if status != SCHEDULED:  # ended, cancelled or sold out: for good
                         c.dead.add(deal_id)
                         self._forget(deal_id)
                     continue
-                d = haversine_km(lat, lng, f.lat, f.lng)
+                a = (
+                    sin((f.rlat - p1) / 2) ** 2
+                    + cos1 * f.coslat * sin(radians(f.lng - lng) / 2) ** 2
+                )
+                d = _DIAMETER_KM * asin(min(1.0, sqrt(a)))
                 if d <= radius_km:
-                    found.append((d, deal_id, Nearby(f, left, seq, cancelled, now, d)))
+                    found.append((d, deal_id, _nearby((f, left, seq, cancelled, now, d))))
             if len(found) >= limit:
                 found.sort(key=_by_distance)
                 del found[limit:]
@@ -578,31 +620,34 @@ class Discovery:
         fields are read only the first time this process meets it.
         """
         self.work.deals_read += len(ids)
-        keys, fixed = self.store.keys, self._fixed
-        known = [fixed.get(deal_id) for deal_id in ids]
-        groups: list[list[int]]
+        keys = self.store.keys
+        known = list(map(self._fixed.get, ids))
+        hkeys = [
+            keys.for_deal(i).deal if f is None else f.key for i, f in zip(ids, known, strict=True)
+        ]
+        flags = ["1" if f is None else "0" for f in known]
+        groups: list[range] | list[list[int]]
         if self._cluster:
             by_partition: dict[int, list[int]] = {}
             for n, deal_id in enumerate(ids):
                 by_partition.setdefault(keys.for_deal(deal_id).partition, []).append(n)
             groups = list(by_partition.values())
+            calls = [
+                self.store.run("read_deals", [hkeys[n] for n in group], [flags[n] for n in group])
+                for group in groups
+            ]
+            replies = [await calls[0]] if len(calls) == 1 else await asyncio.gather(*calls)
         else:
-            groups = [list(range(len(ids)))]
-        hkeys = [
-            keys.for_deal(i).deal if f is None else f.key for i, f in zip(ids, known, strict=True)
-        ]
-        flags = ["1" if f is None else "0" for f in known]
-        calls = [
-            self.store.run("read_deals", [hkeys[n] for n in group], [flags[n] for n in group])
-            for group in groups
-        ]
-        replies = [await calls[0]] if len(calls) == 1 else await asyncio.gather(*calls)
+            groups = [range(len(ids))]
+            replies = [await self.store.run("read_deals", hkeys, flags)]
         out: list[_Live | None] = [None] * len(ids)  # None: gone
+        i_left, i_cancelled, i_seq = _LEFT, _CANCELLED, _SEQ
         for group, reply in zip(groups, replies, strict=True):
             now, pos = int(reply[0]), 1
             for n in group:
-                live = reply[pos : pos + _LIVE]
-                left, cancelled, seq = live[_LEFT], live[_CANCELLED], live[_SEQ]
+                left = reply[pos + i_left]
+                cancelled = reply[pos + i_cancelled]
+                seq = reply[pos + i_seq]
                 f = known[n]
                 if f is None:
                     if left is not None:
@@ -915,5 +960,5 @@ def _centres(lat: float, lng: float, reach_km: float) -> list[tuple[float, float
     return centres
 
 
-def _by_distance(row: tuple[float, str, Nearby]) -> tuple[float, str]:
-    return row[0], row[1]
+# Rows of an answer, (distance, id, Nearby), by distance then id.
+_by_distance = operator.itemgetter(0, 1)
