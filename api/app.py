@@ -73,7 +73,7 @@ def create_app(settings: Settings) -> Starlette:
         exception_handlers=errors.handlers(),
     )
     # Inside the metrics middleware: added before it. Discovery's inside the claim's.
-    app.add_middleware(ExactPath, route=discovery.route, method="GET")
+    app.add_middleware(ExactPath, route=discovery.route, method="GET", endpoint=discovery.nearby)
     app.add_middleware(ClaimFastPath, route=deals.claim_route)
     app.add_middleware(BodyDeadline, timeout_s=settings.body_timeout_s)
     # Outside everything but the metrics: a request over its limit does no other work.

@@ -59,12 +59,12 @@ class ExactPath:
     """Pure ASGI middleware: ``method`` on the route's exact path straight to its endpoint,
     the rest to ``app``."""
 
-    def __init__(self, app: ASGIApp, route: Route, method: str) -> None:
+    def __init__(self, app: ASGIApp, route: Route, method: str, endpoint: ASGIApp) -> None:
         self.app = app
         self.route = route
         self.path = route.path
         self.method = method
-        self.handler = route.app  # the endpoint as ASGI
+        self.handler = endpoint  # the bare ASGI function the route wraps (one call less)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (

@@ -47,7 +47,8 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from itertools import repeat
+from typing import Any, NamedTuple, cast
 
 import orjson
 
@@ -317,6 +318,7 @@ class _Nearest:
         self.rlat = math.radians(lat)
         self.rlng = math.radians(lng)
         self.coslat = math.cos(self.rlat)
+        self.a_max = _a_of(max_km)
 
     def take(self, n: int, up_to_km: float, tail_km: float = 0.0, cap: int = 1 << 30) -> list[str]:
         """Up to ``n`` next nearest ids at most ``up_to_km`` away, and after them any
@@ -358,13 +360,14 @@ class _Nearest:
         dist, rlats, rlngs, coslats = c.dist_km, c.rlats, c.rlngs, c.coslats
         ids, dead = c.ids, c.dead
         offset, rlat, rlng, coslat = self.offset, self.rlat, self.rlng, self.coslat
-        a_max = _a_of(self.max_km)
+        a_max = self.a_max
         # The n nearest measured and not yet taken, as a max-heap (negated ``a``).
-        best = [-a for a, _ in heapq.nsmallest(n, heap)]
+        best = [-a for a, _ in heapq.nsmallest(n, heap)] if heap else []
         heapq.heapify(best)
         if len(best) >= n:
             reach = min(reach, _km_of(-best[0]) + tail_km + offset)
         sin, push, replace = math.sin, heapq.heappush, heapq.heapreplace
+        asin, sqrt, diameter = math.asin, math.sqrt, _DIAMETER_KM  # ``_km_of``, inlined
         for i in range(self.i, count):
             if dist[i] > reach:
                 return i
@@ -378,10 +381,12 @@ class _Nearest:
                 if len(best) < n:
                     push(best, -a)
                     if len(best) == n:
-                        reach = min(reach, _km_of(-best[0]) + tail_km + offset)
+                        km = diameter * asin(min(1.0, sqrt(-best[0])))
+                        reach = min(reach, km + tail_km + offset)
                 elif a < -best[0]:
                     replace(best, -a)
-                    reach = min(reach, _km_of(-best[0]) + tail_km + offset)
+                    km = diameter * asin(min(1.0, sqrt(-best[0])))
+                    reach = min(reach, km + tail_km + offset)
         return count
 
     def frontier_km(self) -> float:
@@ -512,7 +517,9 @@ class Discovery:
         budget = _Budget(self.read_budget)
         # 1. The cell's entry: at most first_count per partition, cached.
         want = _DENSITY_MARGIN * (shared_limit + 2)
-        entry = await self._entry(key, clat, clng, full_km, want, half_diag_km)
+        entry = self._cached(key)
+        if entry is None:
+            entry = await self._entry(key, clat, clng, full_km, want, half_diag_km)
         found = await self._answer(entry, lat, lng, radius_km, limit, budget, final=False)
         if found is not None:
             return found
@@ -560,6 +567,8 @@ class Discovery:
         p1 = math.radians(lat)
         cos1 = math.cos(p1)
         sin, radians, sqrt, asin = math.sin, math.radians, math.sqrt, math.asin
+        diameter = _DIAMETER_KM
+        ordered = True  # ``found`` is sorted
         while True:
             # Most candidates are active (the index holds claimable deals only, but for
             # those that ended since): read exactly ``limit`` first, then twice what is
@@ -592,11 +601,13 @@ class Discovery:
                     sin((f.rlat - p1) / 2) ** 2
                     + cos1 * f.coslat * sin(radians(f.lng - lng) / 2) ** 2
                 )
-                d = _DIAMETER_KM * asin(min(1.0, sqrt(a)))
+                d = diameter * asin(min(1.0, sqrt(a)))
                 if d <= radius_km:
                     found.append((d, deal_id, _nearby((f, left, seq, cancelled, now, d))))
+                    ordered = False
             if len(found) >= limit:
                 found.sort(key=_by_distance)
+                ordered = True
                 del found[limit:]
                 threshold = found[-1][0]
         # Every deal truly nearer the caller than this was among the candidates (deals
@@ -604,7 +615,8 @@ class Discovery:
         sure_km = c.covered_km - walk.offset - GEO_SLACK_KM
         if spent:  # ... and was read, or is farther than every candidate not read
             sure_km = min(sure_km, walk.frontier_km() - GEO_SLACK_KM)
-        found.sort(key=_by_distance)
+        if not ordered:
+            found.sort(key=_by_distance)
         if sure_km >= threshold:
             return [n for _, _, n in found[:limit]]
         if not final and not spent:
@@ -620,8 +632,23 @@ class Discovery:
         fields are read only the first time this process meets it.
         """
         self.work.deals_read += len(ids)
-        keys = self.store.keys
         known = list(map(self._fixed.get, ids))
+        if not self._cluster and all(known):
+            # The usual read: one node, every deal met before, so only the live fields
+            # come back; and when every deal is there, not cancelled, with its ``seq``,
+            # the tuples are built by ``zip`` (what the loop below builds, value for value).
+            every = cast(list[_Fixed], known)  # (no None in it: all() above; not ``in``,
+            # which would call the dataclass's ``__eq__`` on each)
+            hkeys = [f.key for f in every]
+            reply = await self.store.run("read_deals", hkeys, ["0"] * len(ids))
+            lefts = reply[1 + _LEFT :: _LIVE]
+            cancelled = reply[1 + _CANCELLED :: _LIVE]
+            seqs = reply[1 + _SEQ :: _LIVE]
+            if None not in lefts and all(seqs) and cancelled.count(None) == len(cancelled):
+                now = int(reply[0])
+                return list(zip(every, map(int, lefts), map(int, seqs), cancelled, repeat(now)))
+            return self._lives(ids, known, hkeys, [range(len(ids))], [reply])
+        keys = self.store.keys
         hkeys = [
             keys.for_deal(i).deal if f is None else f.key for i, f in zip(ids, known, strict=True)
         ]
@@ -640,14 +667,23 @@ class Discovery:
         else:
             groups = [range(len(ids))]
             replies = [await self.store.run("read_deals", hkeys, flags)]
+        return self._lives(ids, known, hkeys, groups, replies)
+
+    def _lives(
+        self,
+        ids: list[str],
+        known: list[_Fixed | None],
+        hkeys: list[str],
+        groups: list[range] | list[list[int]],
+        replies: list[Any],
+    ) -> list[_Live | None]:
+        """``_read``'s answer from its ``read_deals`` replies, one per group of ``ids``."""
         out: list[_Live | None] = [None] * len(ids)  # None: gone
-        i_left, i_cancelled, i_seq = _LEFT, _CANCELLED, _SEQ
         for group, reply in zip(groups, replies, strict=True):
             now, pos = int(reply[0]), 1
             for n in group:
-                left = reply[pos + i_left]
-                cancelled = reply[pos + i_cancelled]
-                seq = reply[pos + i_seq]
+                live = reply[pos : pos + _LIVE]
+                left, cancelled, seq = live[_LEFT], live[_CANCELLED], live[_SEQ]
                 f = known[n]
                 if f is None:
                     if left is not None:
@@ -700,6 +736,15 @@ class Discovery:
             self._half_diag[y, x == cols - 1] = half
         return (y, x, radius_km, limit), clat, clng, half
 
+    def _cached(self, key: tuple[int, int, float, int]) -> _Candidates | None:
+        """The cell's live cache entry (a hit), or ``None``: no coroutine for the usual case."""
+        entry = self._cache.get(key)
+        if entry is not None and entry.expires_at > self.clock():
+            self.hits += 1
+            self._cache.move_to_end(key)
+            return entry
+        return None
+
     async def _entry(
         self,
         key: tuple[int, int, float, int],
@@ -709,12 +754,7 @@ class Discovery:
         want: float,
         half_diag_km: float,
     ) -> _Candidates:
-        now = self.clock()
-        entry = self._cache.get(key)
-        if entry is not None and entry.expires_at > now:
-            self.hits += 1
-            self._cache.move_to_end(key)
-            return entry
+        """The cell's entry, on a miss: loaded, or awaited from a neighbour loading it."""
         self.misses += 1
         loading = self._loading.get(key)
         if loading is not None:  # a neighbour is fetching this cell right now
