@@ -279,10 +279,10 @@ class _Candidates:
     lng: float
     ids: list[str]
     dist_km: array[float]  # from the centre, ascending
-    # Where the index puts them, in radians, and the cosines of the latitudes (the walk).
-    rlats: array[float]
-    rlngs: array[float]
-    coslats: array[float]
+    # Where the index puts them, as points of the unit sphere (the walk: ``_Nearest``).
+    xs: array[float]
+    ys: array[float]
+    zs: array[float]
     # Every indexed deal within this distance of the centre was in the index's answer.
     covered_km: float
     expires_at: float
@@ -315,9 +315,7 @@ class _Nearest:
         self.max_km = max_km
         self.heap: list[tuple[float, int]] = []  # (Haversine's a, index)
         self.i = 0
-        self.rlat = math.radians(lat)
-        self.rlng = math.radians(lng)
-        self.coslat = math.cos(self.rlat)
+        self.x, self.y, self.z = _unit(lat, lng)
         self.a_max = _a_of(max_km)
 
     def take(self, n: int, up_to_km: float, tail_km: float = 0.0, cap: int = 1 << 30) -> list[str]:
@@ -326,11 +324,12 @@ class _Nearest:
         ``cap`` in all at most.
 
         Candidates are measured in order of distance from the centre until none left
-        unmeasured can beat the ``n``-th nearest measured (triangle inequality). Haversine
-        is inlined on radians and cosines computed once per entry, and compared as its
-        ``a`` term (``sin(d / 2R) ** 2``, monotonic in the distance), so ``asin`` and
-        ``sqrt`` run only when a bound moves: the same order as ``haversine_km`` to
-        ~1e-12 km, far inside ``GEO_SLACK_KM``.
+        unmeasured can beat the ``n``-th nearest measured (triangle inequality). Distances
+        are compared as Haversine's ``a`` term (``sin(d / 2R) ** 2``, monotonic in the
+        distance), which is a quarter of the squared chord between the two points on the
+        unit sphere: no trigonometry per candidate (their points are computed once per
+        entry), and ``asin`` and ``sqrt`` only when a bound moves. The same order as
+        ``haversine_km`` to ~1e-12 km, far inside ``GEO_SLACK_KM``.
         """
         n = min(n, cap)
         c, heap, count, start = self.c, self.heap, len(self.c.ids), self.i
@@ -357,25 +356,26 @@ class _Nearest:
         the ``n``-th nearest measured, nor lies within ``reach`` of the centre; return
         where it stopped."""
         c, heap, count = self.c, self.heap, len(self.c.ids)
-        dist, rlats, rlngs, coslats = c.dist_km, c.rlats, c.rlngs, c.coslats
+        dist, xs, ys, zs = c.dist_km, c.xs, c.ys, c.zs
         ids, dead = c.ids, c.dead
-        offset, rlat, rlng, coslat = self.offset, self.rlat, self.rlng, self.coslat
+        offset, x, y, z = self.offset, self.x, self.y, self.z
         a_max = self.a_max
         # The n nearest measured and not yet taken, as a max-heap (negated ``a``).
         best = [-a for a, _ in heapq.nsmallest(n, heap)] if heap else []
         heapq.heapify(best)
         if len(best) >= n:
             reach = min(reach, _km_of(-best[0]) + tail_km + offset)
-        sin, push, replace = math.sin, heapq.heappush, heapq.heapreplace
+        push, replace = heapq.heappush, heapq.heapreplace
         asin, sqrt, diameter = math.asin, math.sqrt, _DIAMETER_KM  # ``_km_of``, inlined
         for i in range(self.i, count):
             if dist[i] > reach:
                 return i
             if ids[i] in dead:
                 continue
-            s_lat = sin((rlats[i] - rlat) * 0.5)
-            s_lng = sin((rlngs[i] - rlng) * 0.5)
-            a = s_lat * s_lat + coslat * coslats[i] * s_lng * s_lng
+            dx = xs[i] - x
+            dy = ys[i] - y
+            dz = zs[i] - z
+            a = (dx * dx + dy * dy + dz * dz) * 0.25
             if a <= a_max:
                 push(heap, (a, i))
                 if len(best) < n:
@@ -396,6 +396,13 @@ class _Nearest:
         if self.i < len(c.ids):
             near = min(near, c.dist_km[self.i] - self.offset)
         return near
+
+
+def _unit(lat: float, lng: float) -> tuple[float, float, float]:
+    """The point of the unit sphere at ``lat``, ``lng`` (degrees)."""
+    rlat, rlng = math.radians(lat), math.radians(lng)
+    cos_lat = math.cos(rlat)
+    return cos_lat * math.cos(rlng), cos_lat * math.sin(rlng), math.sin(rlat)
 
 
 def _a_of(km: float) -> float:
@@ -837,7 +844,7 @@ class Discovery:
         # an extra centre (``_centres``) stands that much farther out.
         covered = reach_km + 2 * GEO_SLACK_KM
         truncated = backlog = False
-        rows: list[tuple[float, str, float, float, float]] = []
+        rows: list[tuple[float, str, float, float, float]] = []  # km, id, x, y, z
         seen: set[str] = set()
         # Haversine inlined as in ``_Nearest.take`` (the same formula to ~1e-12 km).
         c_rlat, c_rlng = math.radians(lat), math.radians(lng)
@@ -877,7 +884,8 @@ class Discovery:
                             s_lat = sin((rlat - c_rlat) * 0.5)
                             s_lng = sin((rlng - c_rlng) * 0.5)
                             a = s_lat * s_lat + c_cos * m_cos * s_lng * s_lng
-                            rows.append((_km_of(a), member, rlat, rlng, m_cos))
+                            x, y, z = m_cos * cos(rlng), m_cos * sin(rlng), sin(rlat)
+                            rows.append((_km_of(a), member, x, y, z))
                     pos += 2 * n
         rows.sort()
         ids = [sys.intern(r[1]) for r in rows]
@@ -888,9 +896,9 @@ class Discovery:
             lng=lng,
             ids=ids,
             dist_km=array("d", [r[0] for r in rows]),
-            rlats=array("d", [r[2] for r in rows]),
-            rlngs=array("d", [r[3] for r in rows]),
-            coslats=array("d", [r[4] for r in rows]),
+            xs=array("d", [r[2] for r in rows]),
+            ys=array("d", [r[3] for r in rows]),
+            zs=array("d", [r[4] for r in rows]),
             covered_km=max(0.0, covered),
             expires_at=self.clock() + ttl,
             count=count,

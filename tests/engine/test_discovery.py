@@ -693,7 +693,7 @@ async def test_past_the_bounds_the_answer_is_the_exact_nearest_as_far_as_searche
 
 def entry_bytes(e: Any) -> int:
     """What an entry really holds (its strings counted whole, as if not shared)."""
-    arrays = (e.dist_km, e.rlats, e.rlngs, e.coslats)
+    arrays = (e.dist_km, e.xs, e.ys, e.zs)
     return (
         sys.getsizeof(e)
         + sys.getsizeof(e.ids)
