@@ -640,12 +640,12 @@ class Discovery:
         """
         self.work.deals_read += len(ids)
         known = list(map(self._fixed.get, ids))
+        # (all(), not ``None not in known``: ``in`` calls the dataclass's ``__eq__``.)
         if not self._cluster and all(known):
             # The usual read: one node, every deal met before, so only the live fields
             # come back; and when every deal is there, not cancelled, with its ``seq``,
             # the tuples are built by ``zip`` (what the loop below builds, value for value).
-            every = cast(list[_Fixed], known)  # (no None in it: all() above; not ``in``,
-            # which would call the dataclass's ``__eq__`` on each)
+            every = cast(list[_Fixed], known)  # no None in it
             hkeys = [f.key for f in every]
             reply = await self.store.run("read_deals", hkeys, ["0"] * len(ids))
             lefts = reply[1 + _LEFT :: _LIVE]

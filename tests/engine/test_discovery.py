@@ -435,6 +435,32 @@ async def test_a_deal_whose_hash_vanished_is_not_shown_though_its_fixed_part_is_
         assert [n.deal.id for n in await d.nearby(lat, lng, 1.0, 5)] == [kept]
 
 
+async def test_deals_met_before_are_judged_by_what_each_read_finds(
+    store: Store, discover: Callable[..., Discovery]
+) -> None:
+    """With every deal's fixed part known, a deal sold out, cancelled or deleted since the
+    last answer is dropped from the next (a cache hit), and a hash without ``seq`` reads
+    as 0: whatever the read finds, not what the process remembers."""
+    lat, lng = 48.8566, 2.3522
+    ids = [await place(store, lat + 0.0005 * i, lng, "active") for i in range(6)]
+    d = discover()
+    assert [n.deal.id for n in await d.nearby(lat, lng, 2.0, 20)] == ids
+    assert all(i in d._fixed for i in ids)
+    sold, cancelled, gone, no_seq = ids[1:5]
+    keys = {i: store.keys.for_deal(i).deal for i in ids}
+    await store.client.hset(keys[sold], "left", 0)
+    await store.client.hset(keys[cancelled], "cancelled", now_ms())
+    await store.client.delete(keys[gone])
+    await store.client.hdel(keys[no_seq], "seq")
+    found = await d.nearby(lat, lng, 2.0, 20)
+    assert d.hits == 1
+    assert [n.deal.id for n in found] == [ids[0], no_seq, ids[5]]
+    assert [n.deal.seq for n in found] == [0, 0, 0]
+    assert render(found) == orjson.dumps({"deals": [n.to_json() for n in found], "count": 3})
+    # Deals met before, all there: the same answer, read by either way.
+    assert [n.deal.id for n in await d.nearby(lat, lng, 2.0, 20)] == [ids[0], no_seq, ids[5]]
+
+
 async def test_cancelled_and_ended_deals_are_never_shown(
     store: Store, discover: Callable[..., Discovery]
 ) -> None:
