@@ -241,6 +241,8 @@ class Server:
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
+    # ``python -m`` puts the working directory first on the path: the code runs from here.
+    cwd: Path = ROOT
 
     @property
     def url(self) -> str:
@@ -254,7 +256,7 @@ class Server:
                 env=self.env,
                 stdout=logf,
                 stderr=subprocess.STDOUT,
-                cwd=ROOT,
+                cwd=self.cwd,
                 start_new_session=True,
                 preexec_fn=lambda: die_with_parent(signal.SIGTERM),
             )
