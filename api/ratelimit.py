@@ -79,12 +79,22 @@ def is_public(method: str, path: str) -> bool:
     return path.startswith(_DEAL_PREFIX) and "/" not in path[len(_DEAL_PREFIX) :]
 
 
-# Parsed addresses and their subjects, kept for the peers and proxies that come back on
-# every request (4,096 entries each, a few hundred bytes apiece, whatever clients send).
-@lru_cache(maxsize=4096)
+# The longest text an address can be: IPv6 with an embedded IPv4 and a zone id kept short.
+MAX_ADDRESS_CHARS = 64
+
+
 def _ip(text: str) -> Address | None:
+    text = text.strip()
+    # Longer is not an address; refused before the cache, so that it holds short keys only.
+    return _parse_ip(text) if len(text) <= MAX_ADDRESS_CHARS else None
+
+
+# Parsed addresses and their subjects, kept for the peers and proxies that come back on
+# every request: 4,096 entries each, of at most 64 characters, whatever clients send.
+@lru_cache(maxsize=4096)
+def _parse_ip(text: str) -> Address | None:
     try:
-        return ipaddress.ip_address(text.strip())
+        return ipaddress.ip_address(text)
     except ValueError:
         return None
 

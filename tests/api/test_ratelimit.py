@@ -14,6 +14,7 @@ import pytest
 import redis
 from starlette.routing import Mount, Route
 
+from api import ratelimit
 from api.app import create_app
 from api.auth import mint
 from api.ratelimit import ClientAddress, is_public, subject
@@ -327,3 +328,20 @@ def test_the_limits_work_on_the_cluster(
         ]
     # Three callers, each with a burst of 2: each gets exactly 2 before its first 429.
     assert codes[:6] == [404] * 6 and set(codes[6:]) <= {404, 429} and 429 in codes[6:]
+
+
+def test_the_address_caches_hold_short_keys_only_whatever_is_forwarded() -> None:
+    """Through a trusted proxy, 10,000 distinct X-Forwarded-For entries of 8 KiB of junk:
+    none is cached (longer than any address), and the caches stay at 4,096 entries of at
+    most 64 characters, however many distinct addresses come."""
+    clients = ClientAddress(["127.0.0.1/32"])
+    ratelimit._parse_ip.cache_clear()
+    for n in range(10_000):
+        junk = f"{n}-" + "x" * 8192
+        assert clients.of("127.0.0.1", [junk]) == clients.of("127.0.0.1", [])  # the proxy
+    assert ratelimit._parse_ip.cache_info().currsize <= 1
+    for n in range(5_000):  # distinct real addresses: the cache is an LRU of 4,096
+        clients.of("127.0.0.1", [f"198.51.100.{n % 256}, 192.0.2.{n % 250}"])
+        clients.of("127.0.0.1", [f"2001:db8::{n:x}"])
+    info = ratelimit._parse_ip.cache_info()
+    assert info.currsize <= 4096 and info.maxsize == 4096
