@@ -84,7 +84,17 @@ async def test_stopped_redis_refuses_fast_then_recovers(own_redis: EmbeddedRedis
             await claims.claim(store, deal.id, "u-2")
         assert loop.time() - started < 2.0
         own_redis.start()  # same port, same AOF: the deal survived
-        again = await claims.claim(store, deal.id, "u-2")
+        # While Valkey replays its AOF it answers LOADING: unavailable, as a client sees it,
+        # for as long as that takes (seconds on a loaded machine). Then the claim goes in.
+        deadline = loop.time() + 20
+        while True:
+            try:
+                again = await claims.claim(store, deal.id, "u-2")
+                break
+            except StoreUnavailable:
+                if loop.time() > deadline:
+                    raise
+                await asyncio.sleep(0.1)
         assert again.is_new and again.voucher.seq == 2
     finally:
         await store.close()
