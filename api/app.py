@@ -77,6 +77,6 @@ def create_app(settings: Settings) -> Starlette:
     app.add_middleware(ClaimFastPath, route=deals.claim_route)
     app.add_middleware(BodyDeadline, timeout_s=settings.body_timeout_s)
     # Outside everything but the metrics: a request over its limit does no other work.
-    app.add_middleware(RateLimit, settings=settings, metrics=metrics)
+    app.add_middleware(RateLimit, settings=settings)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app

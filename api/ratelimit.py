@@ -151,7 +151,7 @@ class ClientAddress:
 class RateLimit:
     """Pure ASGI middleware: 429 for requests over their caller's or address's limit."""
 
-    def __init__(self, app: ASGIApp, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app = app
         self.caller = (
             RateLimiter.per_second(CALLER, settings.rate_caller_per_s)
