@@ -150,10 +150,9 @@ class RateLimited(ClientError):
     @classmethod
     def by(cls, kind: str, retry_after_us: int) -> RateLimited:
         """Refused by the ``kind`` limit (``caller``, ``address``) for ``retry_after_us``."""
-        retry_s = max(1, -(-retry_after_us // 1_000_000))
-        who = "caller" if kind == "caller" else "address"
+        retry_s = max(1, -(-retry_after_us // 1_000_000))  # whole seconds, rounded up
         err = cls(
-            f"Too many requests from this {who}; retry in {retry_s} s.",
+            f"Too many requests from this {kind}; retry in {retry_s} s.",
             retry_after_ms=-(-retry_after_us // 1000),
             limit=kind,
         )

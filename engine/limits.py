@@ -18,7 +18,6 @@ are passed to ``claim_voucher`` (:func:`limit_args`), which counts them first.
 from __future__ import annotations
 
 import asyncio
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -48,15 +47,6 @@ class Verdict:
     def of(cls, reply: Any) -> Verdict:
         """The verdict in ``limit_rate``'s reply ``{allowed, retry_after_us, now_us}``."""
         return cls(bool(int(reply[0])), int(reply[1]), int(reply[2]))
-
-    @property
-    def retry_after_ms(self) -> int:
-        return math.ceil(self.retry_after_us / 1000)
-
-    @property
-    def retry_after_s(self) -> int:
-        """Whole seconds, at least 1 (``Retry-After``)."""
-        return max(1, math.ceil(self.retry_after_us / US_PER_S))
 
 
 class RateLimiter:
